@@ -1,0 +1,53 @@
+"""unialignment_jax: a JAX/Flax framework that trains UniAlignment models from a CPU demo to TPU pods.
+
+Install: `pip install -e .[test]` (CPU, with the PyTorch parity references).
+Pins are the set that installs and works together (see ../shared/STACK.md); torch is pinned to the
+CPU wheel this project's machines carry, because a bare `torch` pulls a multi-GB CUDA build.
+"""
+
+from setuptools import find_packages, setup
+
+CORE = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "grain==0.2.18",
+    "array-record==0.8.6",
+    "ml-collections==1.1.0",
+    "clu==0.0.12",
+    "tensorflow-datasets==4.9.10",
+    "importlib_resources>=6",  # tensorflow-datasets imports it without declaring it
+    "etils[epath]>=1.7",
+    "tensorboardX==2.6.5",
+    "pillow>=10",
+    "sentencepiece==0.2.3",
+    "safetensors==0.8.0",
+    "numpy>=1.26",
+    "absl-py>=2",
+]
+
+TORCH = [  # parity references, export checks, data preparation (teacher features)
+    "torch==2.13.0",
+    "diffusers==0.42.1",
+    "transformers==5.24.0",
+]
+
+setup(
+    name="unialignment_jax",
+    version="0.1.0",
+    description="Train UniAlignment (unified MMDiT for generation, editing, perception, understanding) in JAX/Flax",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["unialignment_jax", "unialignment_jax.*"]),
+    install_requires=CORE,
+    extras_require={
+        "torch": TORCH,
+        "test": TORCH + ["pytest>=8"],
+        "tpu": ["jax[tpu]==0.10.2"],
+        "cuda": ["jax[cuda12]==0.10.2"],
+    },
+    entry_points={"console_scripts": ["unialignment=unialignment_jax.cli:main"]},
+)

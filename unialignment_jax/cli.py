@@ -1,0 +1,89 @@
+"""`unialignment <command>` (also `python -m unialignment_jax`): the command-line contract of DESIGN.md.
+
+Every command's arguments are declared here, in one place; the command itself lives in its
+concern's folder and is imported only after the XLA flags are set (`--cpu_devices` must act
+before jax is imported). Config overrides (`--config.a.b=v`) are the arguments left over.
+
+Exit codes: 0 success, 1 a failure while running, 2 bad arguments or config (nothing written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+# command -> (module with `run(args, config)`, needs a --config, help)
+COMMANDS = {
+    "train": ("unialignment_jax.training.train", True, "train (resumes when --workdir holds a checkpoint)"),
+    "inspect": ("unialignment_jax.commands.inspect", True, "parameter counts, FLOPs, AOT per-device memory"),
+    "bench": ("unialignment_jax.commands.bench", True, "step time, FLOP/s vs an in-process matmul peak"),
+}
+
+
+def cpu_xla_flags(n_devices: int) -> str:
+    """XLA flags for `n` simulated CPU devices. The scheduler flag avoids the collective deadlock
+    of STACK.md (collectives ordered differently on different simulated devices)."""
+    return (f"--xla_force_host_platform_device_count={n_devices} "
+            "--xla_cpu_enable_concurrency_optimized_scheduler=false")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unialignment", description="UniAlignment training framework (JAX).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    for name, (_, needs_config, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if needs_config:
+            p.add_argument("--config", required=True, help="experiments/x.py[:variant]; override with --config.a.b=v")
+        p.add_argument("--cpu_devices", type=int, default=0,
+                       help="simulate N devices on the CPU (sets XLA flags before jax is imported)")
+        p.add_argument("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+        if name == "train":
+            p.add_argument("--workdir", required=True, help="run directory (checkpoints, TensorBoard, metrics)")
+        if name in ("inspect", "bench"):
+            p.add_argument("--json", action="store_true", help="print one JSON object")
+        if name == "inspect":
+            p.add_argument("--compile", action="store_true",
+                           help="AOT-compile the train computation on the configured mesh and report memory")
+            p.add_argument("--task", default="t2i", help="task shape to compile (t2i, edit, compose, caption)")
+        if name == "bench":
+            p.add_argument("--steps", type=int, default=3, help="timed steps per measurement")
+            p.add_argument("--tasks", default="t2i", help="comma-separated task shapes to time")
+            p.add_argument("--compile_compare", action="store_true",
+                           help="also compile with scan_layers on and off and report both compile times")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+
+    if args.cpu_devices:
+        if "jax" in sys.modules:
+            parser.error("--cpu_devices must be handled before jax is imported")
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + cpu_xla_flags(args.cpu_devices)).strip()
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+    module_name, needs_config, _ = COMMANDS[args.command]
+    config = None
+    if needs_config:
+        from unialignment_jax import config as config_lib
+
+        try:
+            config = config_lib.load(args.config, rest)
+        except config_lib.ConfigError as e:
+            print(f"unialignment {args.command}: config error: {e}", file=sys.stderr)
+            return 2
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+
+    module = importlib.import_module(module_name)
+    return int(module.run(args, config) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
