@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--compile", action="store_true",
                            help="AOT-compile the train computation on the configured mesh and report memory")
             p.add_argument("--task", default="t2i", help="task shape to compile (t2i, edit, compose, caption)")
+            p.add_argument("--batch", type=int, default=0,
+                           help="global batch to compile (default: config.batch_size)")
         if name == "bench":
             p.add_argument("--steps", type=int, default=3, help="timed steps per measurement")
             p.add_argument("--tasks", default="t2i", help="comma-separated task shapes to time")

@@ -12,6 +12,7 @@ Validation imports the model package (and so jax): the CLI sets its XLA flags be
 from __future__ import annotations
 
 import json
+import os
 from typing import Sequence
 
 import ml_collections
@@ -130,13 +131,19 @@ def load(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
     from absl import flags
     from ml_collections import config_flags
 
-    fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "experiment config", flag_values=fv, lock_config=True)
     bad = [o for o in overrides if not o.startswith("--config.")]
     if bad:
         raise ConfigError(f"unknown argument {bad[0]!r} (config overrides look like --config.a.b=value)")
+    path = spec.split(":", 1)[0]
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config {spec}: cannot load ({path}: no such file)")
+    argv = ["unialignment", "--config", spec, *overrides]
+    fv = flags.FlagValues()
+    # sys_argv: config_flags pre-scans the argument list for override flags (default: sys.argv).
+    config_flags.DEFINE_config_file("config", None, "experiment config", flag_values=fv, lock_config=True,
+                                    sys_argv=argv)
     try:
-        fv(["unialignment", f"--config={spec}", *overrides])
+        fv(argv)
         config = fv.config
     except flags.Error as e:
         raise ConfigError(str(e)) from None

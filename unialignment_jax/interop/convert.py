@@ -112,7 +112,8 @@ def from_official(state_dict: Mapping[str, np.ndarray], abstract_params, cfg, **
     out = {}
     for row in names.official_rows(cfg.qk_norm):
         shape = tuple(flat[row.ours].shape)
-        if not all(k.format(i=0) in state_dict for k in row.torch):
+        layers = range(cfg.num_layers) if row.per_layer else [0]
+        if not all(k.format(i=i) in state_dict for k in row.torch for i in layers):
             continue  # allowed missing: the caller keeps its initial value
         if row.per_layer:
             out[row.ours] = np.stack([

@@ -1,0 +1,154 @@
+"""`unialignment inspect`: parameter counts, FLOPs per step, and (with --compile) per-device memory
+from an AOT compile on the configured mesh. Nothing is allocated: shapes are abstract.
+
+Memory comes from XLA's `memory_analysis()` of the compiled computation for one device: arguments
+(parameters, optimizer state, batch shards), outputs, temporaries (activations kept for the
+backward pass, gathered FSDP weights, collective buffers), and generated code.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from unialignment_jax import tasks as tasks_lib
+from unialignment_jax.interop.convert import flatten
+from unialignment_jax.models import create, flops
+from unialignment_jax.models.mmdit import DiTConfig, UniAlignmentDiT
+from unialignment_jax.parallel import mesh as mesh_lib
+from unialignment_jax.parallel import rules as rules_lib
+
+MODULE_GROUPS = {  # reported module -> parameter path prefixes
+    "patch_embed": ("patch_embed",),
+    "time_embed": ("time_embed_1", "time_embed_2"),
+    "context_embedder": ("context_embedder",),
+    "blocks": ("blocks",),
+    "image_head": ("image_norm_out", "image_proj_out"),
+    "text_head": ("text_proj_out",),
+    "null_image_embd": ("null_image_embd",),
+    "adapters": ("adapter_img", "adapter_txt"),
+}
+
+
+def params_by_module(abstract) -> dict[str, int]:
+    flat = flatten(abstract)
+    out = {}
+    for name, prefixes in MODULE_GROUPS.items():
+        out[name] = sum(int(np.prod(v.shape)) for k, v in flat.items() if k.split("/")[0] in prefixes)
+    missing = [k for k in flat if not any(k.split("/")[0] in p for p in MODULE_GROUPS.values())]
+    if missing:
+        raise RuntimeError(f"inspect: parameters outside every reported module: {missing}")
+    return out
+
+
+def token_counts(config, task: str) -> tuple[int, int, int]:
+    """(target image tokens, condition tokens, text tokens) of one example of `task`."""
+    side = config.input.resolution // config.input.latent_downsample // config.model.patch_size
+    n_target = side * side
+    n_cond = tasks_lib.num_conditions(task, config.input.num_compose_refs) * n_target
+    return n_target, n_cond, config.input.text_length
+
+
+def step_flops(config, task: str, batch: int) -> int:
+    """Analytic FLOPs of one training step of `task` at global batch `batch` (README: MFU)."""
+    cfg = DiTConfig.from_config(config.model)
+    te = config.text_encoder
+    n_target, n_cond, n_txt = token_counts(config, task)
+    t5 = flops.t5_forward_flops(te.d_model, te.num_layers, te.num_heads, te.d_kv, te.d_ff, n_txt)
+    total = flops.train_pass_flops(flops.dit_forward_flops(cfg, n_target, 0, n_txt)) + t5  # text pass
+    if task in tasks_lib.IMAGE_PASS_TASKS:
+        total += flops.train_pass_flops(flops.dit_forward_flops(cfg, n_target, n_cond, n_txt)) + t5
+    return batch * total
+
+
+def example_inputs(config, task: str, batch: int, mesh, rules):
+    """Abstract (ShapeDtypeStruct) inputs of the DiT's image pass for `task`, batch-sharded."""
+    cfg = DiTConfig.from_config(config.model)
+    side = config.input.resolution // config.input.latent_downsample
+    n_cond = tasks_lib.num_conditions(task, config.input.num_compose_refs)
+    spec = lambda nd: jax.sharding.NamedSharding(mesh, rules_lib.logical_to_spec(("act_batch",) + (None,) * (nd - 1), rules))
+    sds = lambda shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype, sharding=spec(len(shape)))
+    latents = sds((batch, side, side, cfg.in_channels))
+    cond = sds((batch, n_cond, side, side, cfg.in_channels)) if n_cond else None
+    context = sds((batch, config.input.text_length, cfg.context_dim))
+    return latents, cond, context, sds((batch,))
+
+
+def compile_forward_backward(config, task: str, batch: int, mesh, rules):
+    """AOT-compile value_and_grad of the image pass + text pass (a surrogate of the train step's
+    model work: same passes, same shapes, a placeholder loss) and return the compiled object."""
+    cfg = DiTConfig.from_config(config.model)
+    graphdef, abstract = create.abstract_state(lambda: UniAlignmentDiT(cfg, rngs=nnx.Rngs(0)), mesh, rules)
+    latents, cond, context, ts = example_inputs(config, task, batch, mesh, rules)
+    image_pass = task in tasks_lib.IMAGE_PASS_TASKS
+
+    def loss(state, latents, cond, context, ts):
+        model = nnx.merge(graphdef, state)
+        total = 0.0
+        if image_pass:
+            out = model(latents, context, ts, cond, tap=True)
+            total += jnp.mean(out["velocity"] ** 2) + jnp.mean(out["tap_image"])
+        out = model(latents, context, jnp.zeros_like(ts), tap=True)
+        return total + jnp.mean(jax.nn.logsumexp(out["text_logits"], -1)) + jnp.mean(out["tap_text"])
+
+    shardings = jax.tree.map(lambda s: s.sharding, abstract)
+    fn = jax.jit(jax.value_and_grad(loss), out_shardings=(None, shardings))
+    with create.sharding_context(mesh, rules):
+        return fn.lower(abstract, latents, cond, context, ts).compile()
+
+
+def memory_report(compiled) -> dict[str, int]:
+    m = compiled.memory_analysis()
+    fields = dict(arguments="argument_size_in_bytes", outputs="output_size_in_bytes",
+                  temporaries="temp_size_in_bytes", generated_code="generated_code_size_in_bytes",
+                  aliased="alias_size_in_bytes")
+    report = {k: int(getattr(m, v, 0) or 0) for k, v in fields.items()}
+    report["total"] = report["arguments"] + report["outputs"] + report["temporaries"] - report["aliased"]
+    return report
+
+
+def run(args, config) -> int:
+    cfg = DiTConfig.from_config(config.model)
+    mesh = mesh_lib.make_mesh(config.mesh)
+    rules = rules_lib.get_rules(config.sharding.rules)
+    _, abstract = create.abstract_state(lambda: UniAlignmentDiT(cfg, rngs=nnx.Rngs(0)), mesh, rules)
+    by_module = params_by_module(abstract)
+    total = sum(by_module.values())
+    batch = args.batch or config.batch_size
+    result = {
+        "params_total": total,
+        "params_inference": total - by_module["adapters"],
+        "params_by_module": by_module,
+        "flops_per_step": {t: step_flops(config, t, batch) for t in tasks_lib.TASKS},
+        "global_batch": batch,
+        "mesh": dict(mesh.shape),
+        "sharding_rules": config.sharding.rules,
+    }
+    if args.compile:
+        tasks_lib.check_task(args.task, "--task")
+        start = time.perf_counter()
+        compiled = compile_forward_backward(config, args.task, batch, mesh, rules)
+        result["compile_seconds"] = round(time.perf_counter() - start, 2)
+        result["compiled_task"] = args.task
+        result["memory_per_device_bytes"] = memory_report(compiled)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"parameters: {total:,} ({result['params_inference']:,} at inference, without the adapters)")
+    for name, n in by_module.items():
+        print(f"  {name:18s} {n:>15,}  {100 * n / total:5.1f}%")
+    print(f"FLOPs per step at global batch {batch} (analytic, 3x forward for trained passes):")
+    for t, f in result["flops_per_step"].items():
+        print(f"  {t:10s} {f / 1e12:12.2f} TFLOP")
+    if args.compile:
+        mem = result["memory_per_device_bytes"]
+        print(f"AOT compile of the {args.task} forward+backward on mesh {result['mesh']} "
+              f"({result['compile_seconds']} s); per device:")
+        for k, v in mem.items():
+            print(f"  {k:15s} {v / 2**30:10.3f} GiB")
+    return 0
