@@ -45,3 +45,20 @@ def t5_forward_flops(d_model: int, num_layers: int, num_heads: int, d_kv: int, d
 def train_pass_flops(forward: int) -> int:
     """Forward + backward of a trained pass (backward = 2x forward)."""
     return 3 * forward
+
+
+def step_flops(config, task: str, batch: int, resolution: int | None = None) -> int:
+    """Analytic FLOPs of one training step of `task` (both passes, the frozen text encoder on the
+    prompt and on the masked caption) at global batch `batch`; `config` is an experiment config."""
+    from unialignment_jax import tasks as tasks_lib
+
+    cfg = DiTConfig.from_config(config.model)
+    te = config.text_encoder
+    side = (resolution or config.input.resolution) // config.input.latent_downsample // cfg.patch_size
+    n_target, n_txt = side * side, config.input.text_length
+    n_cond = tasks_lib.num_conditions(task, config.input.num_compose_refs) * n_target
+    t5 = t5_forward_flops(te.d_model, te.num_layers, te.num_heads, te.d_kv, te.d_ff, n_txt)
+    total = train_pass_flops(dit_forward_flops(cfg, n_target, 0, n_txt)) + t5  # text pass
+    if task in tasks_lib.IMAGE_PASS_TASKS:
+        total += train_pass_flops(dit_forward_flops(cfg, n_target, n_cond, n_txt)) + t5
+    return batch * total
