@@ -1,0 +1,486 @@
+"""`unialignment prepare`: official-format JSONL manifests -> a TFDS dataset of ArrayRecord files.
+
+  unialignment prepare --manifest M.jsonl [--images-root R] --out DIR --task T [--resolution N]
+      [--latents] [--teacher qwen|siglip|shapes --teacher-path P] [--strict] [--num-shards K]
+
+Manifest formats (one JSON object per line; METHOD.md §3, dataset/data_unify.py of the official code):
+  t2i          {"image": [path], "conversations": [{"from": "human", "value": caption},
+                                                   {"from": "gpt", "value": "<image>"}]}
+               caption = conversations[0].value (also the image-pass prompt, as in the official loop)
+  edit,        {"image": [source, target], "conversations": [{"value": caption}, ...], "instruction": text}
+  perception   the source is the condition image, the target (edited / perception map) the output;
+               caption = conversations[0].value (the text pass captions the target, as officially)
+  compose      {"original_images": [K paths], "generated_images": [target], "edit_prompt": text, "caption": text}
+               edit_prompt is stripped of ' \\"' as officially
+  caption,     ours (LLaVA-style, documented in README/WORKSPACE):
+  vqa            {"image": path or [path], "conversations": [{"from": "human", "value": "<image>\\nQ"},
+                                                           {"from": "gpt", "value": A}]}
+               or {"image": ..., "caption": text} / {"image": ..., "question": Q, "answer": A}.
+               caption: the first gpt turn is the caption. vqa: the first human turn without "<image>"
+               is the question, the next gpt turn the answer (further turns are ignored).
+Relative image paths are joined to --images-root (default: the manifest's directory). Row parsing
+and image reading live in data/manifests.py; the record layout in data/records.py.
+
+Options: --resolution N (official bicubic short-side resize + centre crop; default keeps the source
+bytes untouched), --latents (codec latents through config.codec: the pixel codec or the VAE's
+posterior mean), --teacher (float16 teacher features; the text input is the caption, for vqa the
+question and the answer), --num-shards K (default: TFDS's size rule, at least --min-shards files),
+--workers N (decode in processes), --compression (ArrayRecord chunks; uncompressed by default).
+
+Bad rows never crash the run and never lose good rows: each is reported with its manifest line and
+reason (malformed JSON, non-UTF-8 text, wrong field types, missing field, empty text, missing image,
+unreadable image, corrupt image, image too large, codec failed, invalid record) and skipped; `--strict` makes the
+first one fatal (exit 1, nothing written). The dataset is built in `<out>.incomplete-<id>` and
+renamed to `<out>` only when complete, so an interrupted run leaves no dataset that looks complete.
+Exit codes: 0 written (bad rows skipped), 1 a fatal error (--strict, nothing written), 2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import io
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+import uuid
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from unialignment_jax.data import images as image_lib
+from unialignment_jax.data import manifests
+from unialignment_jax.data.manifests import Row, RowOptions, process_star
+from unialignment_jax.data.records import RecordError, RecordSpec, new_record
+from unialignment_jax.tasks import check_task, num_conditions
+
+log = logging.getLogger(__name__)
+
+
+class PrepareError(Exception):
+    """A fatal error while preparing (exit code 1)."""
+
+    exit_code = 1
+
+
+class UsageError(PrepareError):
+    """Bad arguments (exit code 2, nothing written)."""
+
+    exit_code = 2
+
+
+# ------------------------------------------------------------------------------ report
+
+
+@dataclasses.dataclass
+class PrepareReport:
+    manifests: list
+    task: str
+    split: str
+    out: str = ""
+    read: int = 0
+    written: int = 0
+    skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    bad: list = dataclasses.field(default_factory=list)  # (manifest, line, reason, detail)
+    num_shards: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    complete: bool = False
+    error: str = ""
+
+    def add_bad(self, manifest: str, line: int, reason: str, detail: str) -> None:
+        self.skipped[reason] += 1
+        self.bad.append((manifest, line, reason, detail))
+
+    def summary(self, max_lines: int = 200) -> str:
+        lines = [f"prepare {self.task} ({self.split}): {', '.join(self.manifests)}",
+                 f"  rows read:    {self.read}",
+                 f"  rows written: {self.written}",
+                 f"  rows skipped: {sum(self.skipped.values())}"]
+        for reason, n in sorted(self.skipped.items()):
+            lines.append(f"    {reason}: {n}")
+        if self.bad:
+            lines.append("  bad rows:")
+            for manifest, line, reason, detail in self.bad[:max_lines]:
+                lines.append(f"    {manifest}:{line}: {reason}" + (f": {detail}" if detail else ""))
+            if len(self.bad) > max_lines:
+                lines.append(f"    ... {len(self.bad) - max_lines} more (all in prepare_report.json)")
+        if self.complete:
+            lines.append(f"  dataset: {self.out} ({self.num_shards} ArrayRecord files, "
+                         f"{self.bytes / 2 ** 20:.1f} MiB, {self.seconds:.1f} s)")
+        else:
+            lines.append(f"  nothing written: {self.error}")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        return dict(manifests=self.manifests, task=self.task, split=self.split, out=self.out, read=self.read,
+                    written=self.written, skipped=dict(self.skipped),
+                    bad=[dict(manifest=m, line=n, reason=r, detail=d) for m, n, r, d in self.bad],
+                    num_shards=self.num_shards, bytes=self.bytes, seconds=round(self.seconds, 3),
+                    complete=self.complete, error=self.error)
+
+
+# ------------------------------------------------------------------------------ options
+
+
+@dataclasses.dataclass
+class PrepareOptions:
+    manifests: list
+    out: str
+    task: str
+    split: str
+    row: RowOptions
+    spec: RecordSpec
+    strict: bool = False
+    num_shards: int = 0
+    min_shards: int = 8
+    batch_size: int = 16
+    workers: int = 0
+    overwrite: bool = False
+    codec_config: Any = None
+    teacher: str = ""
+    teacher_path: str | None = None
+    teacher_device: str = "cpu"
+    teacher_dtype: str = "float32"
+    max_report_lines: int = 200
+    compression: str = "uncompressed"
+
+
+def options_from_args(args, config=None) -> PrepareOptions:
+    """Validate the arguments (UsageError on a bad one) and resolve config defaults."""
+    task = check_task(args.task, "--task")
+    manifests = [os.path.abspath(m) for m in args.manifest]
+    for m in manifests:
+        if not os.path.isfile(m):
+            raise UsageError(f"--manifest {m}: no such file")
+    images_root = os.path.abspath(args.images_root) if args.images_root else os.path.dirname(manifests[0])
+    if args.images_root and not os.path.isdir(images_root):
+        raise UsageError(f"--images-root {images_root}: no such directory")
+    inp = config.input if config is not None else None
+    k = args.num_compose_refs or (int(inp.num_compose_refs) if inp is not None else 3)
+    num_cond = num_conditions(task, k)
+    resolution = args.resolution
+    if resolution is None and args.latents and inp is not None:
+        resolution = int(inp.resolution)
+    if resolution is not None and resolution <= 0:
+        raise UsageError(f"--resolution {resolution}: must be positive")
+    if args.latents and not resolution:
+        raise UsageError("--latents needs a fixed size: give --resolution (or --config for input.resolution)")
+    if args.latents and config is None:
+        raise UsageError("--latents needs --config (its codec.* section selects the pixel codec or the VAE)")
+    if args.keep_images and not args.latents:
+        raise UsageError("--keep-images only applies with --latents")
+    teacher_dim = 0
+    if args.teacher in ("qwen", "siglip") and not args.teacher_path:
+        raise UsageError(f"--teacher {args.teacher} needs --teacher-path (a local HF checkpoint directory)")
+    if args.teacher == "shapes":
+        teacher_dim = args.teacher_dim or (int(config.model.adapter_out) if config is not None else 64)
+    if args.num_shards < 0 or args.batch_size <= 0 or args.workers < 0:
+        raise UsageError("--num-shards, --workers must be >= 0 and --batch-size > 0")
+    out = os.path.abspath(args.out)
+    if os.path.exists(out) and not args.overwrite and (not os.path.isdir(out) or os.listdir(out)):
+        raise UsageError(f"--out {out} exists; pass --overwrite to replace it")
+    storage = ("both" if args.keep_images else "latents") if args.latents else "encoded"
+    row = RowOptions(task=task, num_cond=num_cond, images_root=images_root, resolution=resolution,
+                     image_format=args.image_format, jpeg_quality=args.jpeg_quality,
+                     max_image_pixels=args.max_image_pixels, max_image_bytes=args.max_image_bytes,
+                     need_pixels=bool(args.latents or args.teacher), keep_encoded=storage != "latents")
+    spec = RecordSpec(task=task, num_cond=num_cond, storage=storage, resolution=resolution or 0,
+                      latent_shape=None if not args.latents else (1, 1, 1), latent_dtype=args.latent_dtype,
+                      codec=dict(config.codec.to_dict()) if args.latents else None,
+                      teacher=args.teacher or "", teacher_dim=teacher_dim or (1 if args.teacher else 0),
+                      image_format=args.image_format)
+    return PrepareOptions(manifests=manifests, out=out, task=task, split=args.split, row=row, spec=spec,
+                          strict=args.strict, num_shards=args.num_shards, min_shards=args.min_shards,
+                          batch_size=args.batch_size, workers=args.workers, overwrite=args.overwrite,
+                          codec_config=config if args.latents else None, teacher=args.teacher or "",
+                          teacher_path=args.teacher_path, teacher_device=args.teacher_device,
+                          teacher_dtype=args.teacher_dtype, max_report_lines=args.max_report_lines,
+                          compression=args.compression)
+
+
+# ------------------------------------------------------------------------------ codec / teacher
+
+
+class _LatentEncoder:
+    """uint8 pixels (B, R, R, 3) -> latents (B, h, w, C) through the config's codec (jitted; the
+    VAE gives its posterior mean: `encode(pixels, rng=None)`). Batches are padded to `batch_size`
+    so the encoder compiles once."""
+
+    def __init__(self, config, batch_size: int):
+        try:
+            from unialignment_jax.models.encoders import build_codec
+        except ImportError as e:
+            raise PrepareError(f"--latents: the codec factory models/encoders.py:build_codec is unavailable ({e})")
+        import jax
+        from flax import nnx
+
+        codec = build_codec(config)
+        graphdef, state = nnx.split(codec)
+        self.state = state
+        self.batch_size = batch_size
+        self.encode = jax.jit(lambda st, x: nnx.merge(graphdef, st).encode(x, rng=None))
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        out = []
+        for i in range(0, len(pixels), self.batch_size):
+            chunk = image_lib.normalize(pixels[i:i + self.batch_size])
+            n = len(chunk)
+            if n < self.batch_size:
+                chunk = np.concatenate([chunk, np.zeros((self.batch_size - n, *chunk.shape[1:]), chunk.dtype)])
+            out.append(np.asarray(self.encode(self.state, chunk), dtype=np.float32)[:n])
+        return np.concatenate(out)
+
+
+def _load_teacher(opts: PrepareOptions):
+    from unialignment_jax.data import teachers
+
+    return teachers.build_teacher(opts.teacher, path=opts.teacher_path, dim=opts.spec.teacher_dim,
+                                  device=opts.teacher_device, dtype=opts.teacher_dtype)
+
+
+# ------------------------------------------------------------------------------ the run
+
+
+class _Preparer:
+    def __init__(self, opts: PrepareOptions, report: PrepareReport):
+        self.opts, self.report = opts, report
+        self.encoder = None
+        self.teacher = None
+        spec = opts.spec
+        if spec.has_latents:
+            self.encoder = _LatentEncoder(opts.codec_config, opts.batch_size)
+            r = opts.row.resolution
+            lat = self.encoder(np.zeros((1, r, r, 3), np.uint8))
+            spec = dataclasses.replace(spec, latent_shape=tuple(int(x) for x in lat.shape[1:]))
+        if opts.teacher:
+            self.teacher = _load_teacher(opts)
+            spec = dataclasses.replace(spec, teacher_dim=int(self.teacher.dim))
+        self.spec = spec
+
+    def _lines(self) -> Iterator[tuple]:
+        multi = len(self.opts.manifests) > 1
+        for i, path in enumerate(self.opts.manifests):
+            base = os.path.basename(path)
+            with open(path, "rb") as f:
+                for n, raw in enumerate(f, 1):
+                    if not raw.strip():
+                        continue
+                    self.report.read += 1
+                    if self.report.read % 10_000 == 0:
+                        log.info("prepare: %d rows read, %d written, %d skipped", self.report.read,
+                                 self.report.written, sum(self.report.skipped.values()))
+                    yield path, (f"{i}/{base}:{n}" if multi else f"{base}:{n}"), n, raw
+
+    def _results(self) -> Iterator[tuple[str, tuple]]:
+        o = self.opts
+        if o.workers <= 0:
+            for path, key, n, raw in self._lines():
+                yield path, manifests.process_line(o.row, key, n, raw)
+            return
+        import concurrent.futures
+        import multiprocessing
+
+        chunk = 32 * o.workers
+        with concurrent.futures.ProcessPoolExecutor(o.workers, mp_context=multiprocessing.get_context("spawn")) as ex:
+            buf = []
+            for item in self._lines():
+                buf.append(item)
+                if len(buf) == chunk:
+                    yield from zip([b[0] for b in buf], ex.map(process_star, [(o.row, *b[1:]) for b in buf], chunksize=8))
+                    buf = []
+            if buf:
+                yield from zip([b[0] for b in buf], ex.map(process_star, [(o.row, *b[1:]) for b in buf], chunksize=8))
+
+    def _bad(self, manifest: str, line: int, reason: str, detail: str) -> None:
+        self.report.add_bad(manifest, line, reason, detail)
+        msg = f"{manifest}:{line}: {reason}" + (f": {detail}" if detail else "")
+        if self.opts.strict:
+            raise PrepareError(f"bad row (--strict): {msg}")
+        log.warning("skipping %s", msg)
+
+    def _latents(self, rows: list[Row]) -> list[dict]:
+        spec, k = self.spec, self.spec.num_cond
+        lat_t = self.encoder(np.stack([r.pixels[-1] for r in rows]))
+        lat_c = None
+        if k:
+            lat_c = self.encoder(np.stack([p for r in rows for p in r.pixels[:-1]]))
+            lat_c = lat_c.reshape(len(rows), k, *lat_t.shape[1:])
+        out = []
+        for j in range(len(rows)):
+            d = {"target_latents": lat_t[j].astype(spec.latent_dtype)}
+            if k:
+                d["cond_latents"] = lat_c[j].astype(spec.latent_dtype)
+            bad = [n for n, a in d.items() if not np.isfinite(a).all()]
+            out.append(("codec failed", f"non-finite {bad[0]}") if bad else d)
+        return out
+
+    def _teacher_features(self, rows: list[Row]) -> list[dict]:
+        texts = [r.texts["caption"] if self.spec.task != "vqa" else f"{r.texts['question']} {r.texts['caption']}"
+                 for r in rows]
+        fi = np.asarray(self.teacher.encode_images([r.pixels[-1] for r in rows]), np.float16)
+        ft = np.asarray(self.teacher.encode_texts(texts), np.float16)
+        return [{"teacher_image": fi[j], "teacher_text": ft[j]}
+                if np.isfinite(fi[j]).all() and np.isfinite(ft[j]).all() else ("teacher failed", "non-finite features")
+                for j in range(len(rows))]
+
+    @staticmethod
+    def _per_row(fn, rows: list[Row], reason: str) -> list:
+        """fn over the batch; if it raises, row by row, so one bad row cannot fail the others."""
+        try:
+            return fn(rows)
+        except Exception as e:  # noqa: BLE001 (reported per row below)
+            if len(rows) == 1:
+                return [(reason, f"{type(e).__name__}: {e}")]
+            log.warning("%s on a batch (%s: %s); retrying row by row", reason, type(e).__name__, e)
+            return [_Preparer._per_row(fn, [r], reason)[0] for r in rows]
+
+    def _finish(self, batch: list[tuple[str, Row]]) -> Iterator[tuple[str, dict]]:
+        spec, k = self.spec, self.spec.num_cond
+        rows = [r for _, r in batch]
+        extra = [{} for _ in rows]
+        for fn, reason, on in ((self._latents, "codec failed", self.encoder),
+                               (self._teacher_features, "teacher failed", self.teacher)):
+            if on is None:
+                continue
+            todo = [j for j, e in enumerate(extra) if isinstance(e, dict)]
+            for j, res in zip(todo, self._per_row(fn, [rows[j] for j in todo], reason)):
+                extra[j] = {**extra[j], **res} if isinstance(res, dict) else res
+        for (manifest, row), arrays in zip(batch, extra):
+            if not isinstance(arrays, dict):
+                self._bad(manifest, row.line, *arrays)
+                continue
+            if spec.has_images:
+                arrays["target_image"] = row.encoded[-1]
+                if k:
+                    arrays["cond_images"] = list(row.encoded[:-1])
+            rec = new_record(spec.task, key=row.key, **row.texts, **arrays)
+            try:
+                spec.validate(rec)
+            except RecordError as e:
+                self._bad(manifest, row.line, "invalid record", str(e))
+                continue
+            self.report.written += 1
+            yield row.key, rec
+
+    def examples(self) -> Iterator[tuple[str, dict]]:
+        batch = []
+        for manifest, res in self._results():
+            if res[0] == "bad":
+                self._bad(manifest, *res[1:])
+                continue
+            batch.append((manifest, res[1]))
+            if len(batch) == self.opts.batch_size:
+                yield from self._finish(batch)
+                batch = []
+        if batch:
+            yield from self._finish(batch)
+
+
+def _download_config(num_shards: int, floor: int):
+    import tensorflow_datasets as tfds
+    from tensorflow_datasets.core.utils import shard_utils
+
+    @dataclasses.dataclass(frozen=True)
+    class ShardPolicy(shard_utils.ShardConfig):
+        """--num-shards K, or TFDS's size rule raised to `floor` files; never more files than rows."""
+
+        requested: int = 0
+        floor: int = 8
+
+        def get_number_shards(self, total_size, num_examples, uses_precise_sharding=True):
+            n = self.requested or max(self.floor, self.calculate_number_shards(total_size, num_examples,
+                                                                              uses_precise_sharding))
+            return max(1, min(n, num_examples))
+
+    @dataclasses.dataclass
+    class Config(tfds.download.DownloadConfig):
+        def get_shard_config(self):
+            return ShardPolicy(requested=num_shards, floor=floor)
+
+    return Config()
+
+
+def prepare(opts: PrepareOptions, report: PrepareReport | None = None) -> PrepareReport:
+    """Build the dataset; returns the report (raises PrepareError on a fatal error, after cleanup;
+    `report`, when given, is filled as rows are read, so it is complete up to the failure)."""
+    import tensorflow_datasets as tfds
+
+    from unialignment_jax.data.tfds_builder import UnialignmentRecords, array_record_compression
+
+    tfds.disable_progress_bar()
+    t0 = time.time()
+    report = report or PrepareReport(manifests=opts.manifests, task=opts.task, split=opts.split)
+    out = opts.out
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    tmp = f"{out}.incomplete-{uuid.uuid4().hex[:8]}"
+    try:
+        preparer = _Preparer(opts, report)
+        extra = {"prepare": {"manifests": opts.manifests, "task": opts.task, "split": opts.split,
+                             "resolution": opts.row.resolution, "compression": opts.compression,
+                             "created": time.strftime("%Y-%m-%dT%H:%M:%S")}}
+        builder = UnialignmentRecords(spec=preparer.spec, split=opts.split, examples=preparer.examples,
+                                      extra_metadata=extra, data_dir=tmp, file_format="array_record")
+        try:
+            chatter = io.StringIO()  # TFDS prints progress lines; keep stdout for the summary
+            with contextlib.redirect_stdout(chatter), array_record_compression(opts.compression):
+                builder.download_and_prepare(download_config=_download_config(opts.num_shards, opts.min_shards))
+            log.info("tfds: %s", chatter.getvalue().strip())
+        except AssertionError as e:  # TFDS: "No examples were yielded."
+            if report.written == 0:
+                raise PrepareError("no good rows: nothing to write") from None
+            raise PrepareError(f"TFDS failed: {e}") from e
+        version_dir = os.fspath(builder.data_dir)
+        files = [f for f in os.listdir(version_dir) if ".array_record-" in f]
+        report.num_shards = len(files)
+        report.bytes = sum(os.path.getsize(os.path.join(version_dir, f)) for f in files)
+        report.out, report.complete = out, True
+        report.seconds = time.time() - t0
+        with open(os.path.join(version_dir, "prepare_report.json"), "w", encoding="utf-8") as f:
+            json.dump(report.to_json(), f, indent=1)
+        old = None
+        if os.path.exists(out):  # --overwrite (checked in options_from_args)
+            old = f"{out}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(out, old)
+        os.rename(version_dir, out)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    except PrepareError as e:
+        report.error = str(e)
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return report
+
+
+def run(args, config=None) -> int:
+    """Entry point of `unialignment prepare` (args from prepare_args.add_arguments)."""
+    try:
+        opts = options_from_args(args, config)
+    except UsageError as e:
+        print(f"unialignment prepare: {e}", file=sys.stderr)
+        return e.exit_code
+    report = PrepareReport(manifests=opts.manifests, task=opts.task, split=opts.split)
+    try:
+        prepare(opts, report)
+    except PrepareError as e:  # the report holds every row read until the failure
+        print(report.summary(opts.max_report_lines))
+        print(f"unialignment prepare: {e}", file=sys.stderr)
+        return e.exit_code
+    print(report.summary(opts.max_report_lines))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from unialignment_jax.data.prepare_args import build_parser
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    return run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
