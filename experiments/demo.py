@@ -1,15 +1,22 @@
-"""The embedded default: a tiny UniAlignment that trains on the CPU in minutes.
+"""The embedded default: a tiny UniAlignment trained on the Shapes world on the CPU in minutes.
 
-Same architecture as experiments/unialignment_2b.py at toy scale: 4 joint blocks of width 128,
-32 x 32 pixel images through the exact pixel codec (space-to-depth by 4 -> 8 x 8 x 48 "latents",
-patch 2 -> 16 image tokens), a 32-token text context, and a small vocabulary.
+The same architecture and three-stage recipe as experiments/unialignment_2b.py at toy scale: a
+4-block MMDiT of width 128; 32 x 32 images through the exact pixel codec (space-to-depth by 4 ->
+8 x 8 x 48 "latents", patch 2 -> 16 image tokens); a tiny random T5 encoder (width 64) on byte
+tokens (32 per text); Shapes-world teacher features (exact, 64-d) for the intrinsic alignment.
+Stages: t2i + captioning (both alignments) -> + edit and perception -> + compose, caption, VQA.
 
-Run (8 simulated CPU devices, data x fsdp mesh):
-  unialignment train --config experiments/demo.py --workdir /tmp/ua_demo --cpu_devices 8
-Variants: `experiments/demo.py:tiny` (2 blocks, for tests).
+Run (8 simulated CPU devices, mesh data=2 x fsdp=4):
+  bash launch/local.sh train --config experiments/demo.py --workdir runs/demo
+or, in an installed environment:
+  unialignment train --config experiments/demo.py --workdir runs/demo --cpu_devices 8
+Variants: `experiments/demo.py:tiny` (2 blocks, 12 steps; tests), `:no_align` (both alignment
+weights 0: the ablation).
 """
 
-from unialignment_jax.config import base_config
+from unialignment_jax.config import base_config, new_stages, stage
+
+DEMO_STEPS = (200, 150, 150)
 
 
 def get_config(arg=None):
@@ -18,34 +25,42 @@ def get_config(arg=None):
     c.log_every = 10
     c.checkpoint_every = 100
     c.model.update(dict(
-        num_layers=4,
-        num_heads=4,
-        head_dim=32,
-        patch_size=2,
-        in_channels=48,
-        out_channels=48,
-        sample_size=8,
-        pos_embed_max_size=12,
-        context_dim=64,
-        vocab_size=384,
-        num_null_tokens=8,
-        block_depth=2,
-        adapter_hidden=128,
-        adapter_out=64,
-        timestep_dim=64,
+        num_layers=4, num_heads=4, head_dim=32, patch_size=2,
+        in_channels=48, out_channels=48,  # the pixel codec: 3 x 4 x 4
+        sample_size=8, pos_embed_max_size=12,
+        context_dim=64,  # the tiny T5's width
+        vocab_size=384,  # the byte tokenizer's vocabulary
+        timestep_dim=64, num_null_tokens=8, block_depth=2,
+        adapter_hidden=128, adapter_out=64,  # the Shapes teacher's width
     ))
     c.input.update(dict(resolution=32, latent_downsample=4, text_length=32, num_compose_refs=3))
+    c.text_encoder.update(dict(preset="tiny", d_model=64, num_layers=2, num_heads=4, d_kv=16, d_ff=128,
+                               vocab_size=384, mask_token_id=259, dtype="float32", param_dtype="float32"))
+    c.tokenizer.kind = "byte"
+    c.codec.kind = "pixel"
     c.mesh.update(dict(data=2, fsdp=-1, tensor=1))
+    c.sharding.rules = "fsdp"
     c.batch_size = 16
-    c.optimizer.lr = 1e-3
-    c.optimizer.weight_decay = 0.0
-    c.optimizer.grad_clip = 1.0
-    c.stages.main.steps = 300
-    c.stages.main.warmup_steps = 20
+    c.optimizer.update(dict(weight_decay=0.0, grad_clip=1.0))
+    c.ema.decay = 0.999
+
+    common = dict(lr=1e-3, warmup_steps=20)
+    c.stages = new_stages()
+    c.stages.generation = stage(steps=DEMO_STEPS[0], tasks="t2i", **common)
+    c.stages.editing = stage(steps=DEMO_STEPS[1], tasks="t2i,edit,perception", **common)
+    c.stages.unified = stage(steps=DEMO_STEPS[2], tasks="t2i,edit,perception,compose,caption,vqa", **common)
+
     if arg == "tiny":
-        c.model.num_layers = 2
-        c.model.block_depth = 1
-        c.stages.main.steps = 20
+        c.model.num_layers, c.model.block_depth = 2, 1
+        c.log_every, c.checkpoint_every = 2, 4
+        c.batch_size = 8
+        for name, steps in zip(c.stages.keys(), (4, 4, 4)):
+            c.stages[name].steps = steps
+            c.stages[name].warmup_steps = 2
+    elif arg == "no_align":
+        for name in c.stages.keys():
+            c.stages[name].loss_weights.align_image = 0.0
+            c.stages[name].loss_weights.align_text = 0.0
     elif arg:
-        raise ValueError(f"experiments/demo.py: unknown variant {arg!r} (known: tiny)")
+        raise ValueError(f"experiments/demo.py: unknown variant {arg!r} (known: tiny, no_align)")
     return c

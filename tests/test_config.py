@@ -18,8 +18,8 @@ def _cwd(repo_root, monkeypatch):
 
 
 def test_loads_variant_and_overrides():
-    c = config_lib.load(f"{DEMO}:tiny", ["--config.model.num_heads=2", "--config.stages.main.steps=7"])
-    assert c.model.num_layers == 2 and c.model.num_heads == 2 and c.stages.main.steps == 7
+    c = config_lib.load(f"{DEMO}:tiny", ["--config.model.num_heads=2", "--config.stages.generation.steps=7"])
+    assert c.model.num_layers == 2 and c.model.num_heads == 2 and c.stages.generation.steps == 7
     with pytest.raises(AttributeError):
         c.new_key = 1  # locked
 
@@ -56,7 +56,16 @@ def test_stage_order_is_kept():
     (["--config.mesh.tensor=3"], "mesh.tensor"),
     (["--config.sharding.rules=zero9"], "sharding.rules"),
     (["--config.input.resolution=33"], "input.resolution"),
-    (["--config.stages.main.steps=0"], "stages.main.steps"),
+    (["--config.stages.generation.steps=0"], "stages.generation.steps"),
+    (["--config.stages.editing.tasks=t2i,paint"], "unknown task .paint."),
+    (["--config.stages.unified.task_weights=1,2"], "task_weights"),
+    (["--config.stages.editing.lr_schedule=linear"], "lr_schedule"),
+    (["--config.stages.editing.trainable=blocks/(img"], "not a regex"),
+    (["--config.stages.editing.accum_steps=3"], "accum_steps"),
+    (["--config.optimizer.grad_accum_reduce=max"], "grad_accum_reduce"),
+    (["--config.ema.decay=1.0"], "ema.decay"),
+    (["--config.objective.flow_loss=eps"], "flow_loss"),
+    (["--config.text_encoder.preset=t5_giant"], "text_encoder.preset"),
     (["--workdir=x"], "unknown argument"),
 ])
 def test_bad_values_name_the_key(overrides, message):

@@ -68,24 +68,40 @@ def base_config() -> ConfigDict:
 
     # Frozen text encoder (T5 v1.1 encoder; models/t5.py). Random weights unless `weights` is set.
     c.text_encoder = ConfigDict(dict(
-        preset="t5_xxl",  # t5_xxl | custom (then the sizes below are used)
+        preset="t5_xxl",  # t5_xxl | tiny (the demo's: d_model 64) | custom (then the sizes below are used)
         d_model=4096, num_layers=24, num_heads=64, d_kv=64, d_ff=10240, vocab_size=32128,
+        relative_attention_num_buckets=32, relative_attention_max_distance=128, layer_norm_epsilon=1e-6,
+        mask_token_id=32099,  # the tokenizer's <extra_id_0> (byte tokenizer: 259); -1 = no mask row
         weights="",  # HF T5EncoderModel safetensors: a file, or a directory with an index json
-        mask_embedding="",  # file holding the aligned <extra_id_0> embedding row (official: from DD)
+        mask_embedding="",  # .npy / .safetensors file with the aligned <extra_id_0> row (official: from DD)
         train_mask_embedding=False,
         use_attention_mask=False,  # official: no mask, EOS padding
+        scan_layers=True,
+        remat="none",  # none | full | dots | dots_no_batch (matters only when the mask row is trained)
         dtype="bfloat16",
+        param_dtype="bfloat16",  # the frozen weights' storage; the mask row is always float32
     ))
     c.tokenizer = ConfigDict(dict(
         kind="sentencepiece",  # sentencepiece (T5 spiece.model) | byte (needs no file)
         path="",
+        pad_with="eos",  # eos (official: pad token = EOS) | pad (id 0)
     ))
-    # Image codec: the SD3 VAE (models/vae.py) or the exact pixel codec (models/pixel_codec.py).
+    # Image codec: the SD3 VAE (models/vae.py) or the exact pixel codec (models/pixel_codec.py, which
+    # uses input.latent_downsample and ignores the keys below).
     c.codec = ConfigDict(dict(
         kind="vae",  # vae | pixel
         weights="",  # diffusers AutoencoderKL directory (safetensors + config.json)
         scaling_factor=1.5305,
         shift_factor=0.0609,
+        # VAE architecture for random weights (SD3's); with `weights`, its config.json decides.
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=16,
+        norm_num_groups=32,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        mid_block_add_attention=True,
+        dtype="float32",
     ))
 
     c.mesh = ConfigDict(dict(
@@ -103,12 +119,61 @@ def base_config() -> ConfigDict:
     ))
 
     c.optimizer = ConfigDict(dict(
-        lr=3e-5, weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8, grad_clip=2.0,
+        weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8,
+        grad_clip=2.0,  # global L2 norm; 0 disables
+        # How micro-batch gradients combine under accumulation: 'mean' (ours: the step's gradient is
+        # the big-batch gradient) or 'sum' (official: loss.backward() per micro-batch without
+        # division, so the clipped gradient is accum_steps x larger before clipping).
+        grad_accum_reduce="mean",
     ))
-    c.batch_size = 384  # global batch
-    c.stages = ConfigDict(sort_keys=False)  # ordered: the run trains the stages in this order
-    c.stages.main = ConfigDict(dict(steps=80_000, tasks="t2i", warmup_steps=2000))
+    c.ema = ConfigDict(dict(
+        decay=0.9999,  # 0 disables the EMA (the official code configures 0.9995 but never updates one)
+        warmup=True,  # decay_t = min(decay, (1 + t) / (10 + t))
+    ))
+    c.objective = ConfigDict(dict(
+        flow_loss="x0",  # x0 (official: sigma^2-weighted velocity MSE) | velocity
+        timestep_shift=1.0,  # official training uses shift 1
+        cfg_dropout=0.1,
+        text_normalize="all",  # all (official: B*L positions) | tokens (non-padding only)
+        contrastive_group_size=0,  # 0: negatives from the whole global (micro-)batch; 4: official
+        antithetic_group_size=0,  # 0: antithetic t strata over the (micro-)batch
+    ))
+    c.batch_size = 384  # global batch; a stage's batch_size = 0 uses this
+    c.stages = new_stages()  # ordered: the run trains the stages in this order
+    c.stages.main = stage(steps=80_000, tasks="t2i,edit", warmup_steps=2000)
+
+    # Where each task's examples come from: 'shapes' (the Shapes world, generated on the fly) or
+    # prepared datasets "DIR[:WEIGHT],DIR[:WEIGHT]" (`unialignment prepare`); see data/pipeline.py.
+    from unialignment_jax.data.pipeline import DATA_DEFAULTS
+
+    c.data = ConfigDict(dict(DATA_DEFAULTS))
+
+    c.keep_checkpoints = 3  # the last N checkpoints are kept ...
+    c.keep_checkpoint_every = 0  # ... plus every checkpoint at a multiple of this step (0: none)
+    c.max_nonfinite_steps = 10  # consecutive skipped (non-finite) updates before the run stops
+    c.sample_every = 0  # steps between sample grids (0: never)
+    c.progress = "auto"  # progress line on a terminal: auto | on | off
     return c
+
+
+def stage(steps: int, tasks: str = "t2i", **overrides) -> ConfigDict:
+    """One stage's full schema; see training/schedule.py for how each field is used."""
+    fields = dict(
+        steps=steps,
+        tasks=tasks,  # comma-separated task names
+        task_weights="",  # '' = tasks take whole steps in turn; '3,1' = a seeded weighted mixture
+        loss_weights=ConfigDict(dict(image=1.0, text=0.2, contrastive=0.05, align_image=0.1, align_text=0.1)),
+        lr=3e-5,
+        warmup_steps=0,
+        lr_schedule="constant",  # constant | cosine (decays to final_lr_fraction * lr)
+        final_lr_fraction=0.0,
+        trainable=".*",  # regex over parameter paths ('blocks/img/qkv/kernel'); the rest is frozen
+        batch_size=0,  # global batch of this stage; 0 = config.batch_size
+        accum_steps=1,  # micro-batches per step (gradient accumulation)
+        resolution=0,  # pixels; 0 = config.input.resolution
+    )
+    fields.update(overrides)
+    return ConfigDict(fields)
 
 
 def new_stages() -> ConfigDict:
@@ -222,10 +287,93 @@ def validate(config: ConfigDict) -> None:
     _check(config.distributed.mode in ("auto", "on", "off"), "distributed.mode", config.distributed.mode,
            "choose auto, on or off")
 
-    _positive_ints(config, "", ("log_every", "checkpoint_every", "batch_size"))
+    _validate_encoders(config)
+
+    _validate_training(config)
+
+
+def _validate_training(config: ConfigDict) -> None:
+    from unialignment_jax.objectives import unified
+    from unialignment_jax.training import schedule
+
+    for key in ("log_every", "checkpoint_every", "batch_size", "keep_checkpoints", "max_nonfinite_steps"):
+        v = config[key]
+        _check(isinstance(v, int) and not isinstance(v, bool) and v > 0, key, v, "must be a positive integer")
+    for key in ("keep_checkpoint_every", "sample_every"):
+        _check(isinstance(config[key], int) and config[key] >= 0, key, config[key], "must be >= 0 (0: off)")
+    _check(config.progress in ("auto", "on", "off"), "progress", config.progress, "choose auto, on or off")
     _check(len(config.stages) > 0, "stages", "{}", "needs at least one stage")
     for name in stage_names(config):
-        _positive_ints(config.stages[name], f"stages.{name}", ("steps",))
+        st = config.stages[name]
+        _positive_ints(st, f"stages.{name}", ("steps", "accum_steps"))
+        for key in ("warmup_steps", "batch_size", "resolution"):
+            _check(isinstance(st[key], int) and st[key] >= 0, f"stages.{name}.{key}", st[key], "must be >= 0")
+        _check(st.lr >= 0, f"stages.{name}.lr", st.lr, "must be >= 0")
+        if st.resolution:
+            latent = st.resolution // config.input.latent_downsample
+            _check(st.resolution % config.input.latent_downsample == 0 and latent % config.model.patch_size == 0,
+                   f"stages.{name}.resolution", st.resolution, "must be a multiple of latent_downsample * patch_size")
+    try:
+        schedule.from_config(config)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    opt = config.optimizer
+    _check(opt.grad_accum_reduce in ("mean", "sum"), "optimizer.grad_accum_reduce", opt.grad_accum_reduce,
+           "choose mean (ours) or sum (official)")
+    _check(opt.grad_clip >= 0, "optimizer.grad_clip", opt.grad_clip, "must be >= 0 (0: no clipping)")
+    _check(0 <= config.ema.decay < 1, "ema.decay", config.ema.decay, "must be in [0, 1) (0: no EMA)")
+    o = config.objective
+    try:
+        unified.ObjectiveOptions(flow_loss=o.flow_loss, timestep_shift=o.timestep_shift, cfg_dropout=o.cfg_dropout,
+                                 text_normalize=o.text_normalize,
+                                 contrastive_group_size=o.contrastive_group_size or None,
+                                 antithetic_group_size=o.antithetic_group_size or None)
+    except ValueError as e:
+        raise ConfigError(f"objective.{e}") from None
+
+
+def _validate_encoders(config: ConfigDict) -> None:
+    """The text_encoder, tokenizer and codec sections on their own (cross-section consistency, e.g.
+    T5 width vs model.context_dim, is checked when they are built: models/encoders.py)."""
+    from unialignment_jax.data.tokenizers import KINDS as TOKENIZER_KINDS
+    from unialignment_jax.models import t5
+
+    te = config.text_encoder
+    _check(te.preset in (*t5.PRESETS, "custom"), "text_encoder.preset", te.preset,
+           f"choose one of {sorted(t5.PRESETS)} or 'custom'")
+    _positive_ints(te, "text_encoder", t5.SIZE_FIELDS + ("relative_attention_num_buckets",
+                                                         "relative_attention_max_distance"))
+    if te.preset != "custom":
+        for key in t5.SIZE_FIELDS:
+            _check(te[key] in (t5.PRESETS[te.preset][key], t5.PRESETS["t5_xxl"][key]), f"text_encoder.{key}", te[key],
+                   f"is not used with preset {te.preset!r} (which sets {t5.PRESETS[te.preset][key]}); "
+                   "set text_encoder.preset = 'custom' to give the sizes yourself")
+    resolved = t5.T5Config.from_config(te)
+    _check(te.relative_attention_num_buckets % 4 == 0, "text_encoder.relative_attention_num_buckets",
+           te.relative_attention_num_buckets, "must be a multiple of 4 (bidirectional exact + log buckets)")
+    _check(te.layer_norm_epsilon > 0, "text_encoder.layer_norm_epsilon", te.layer_norm_epsilon, "must be positive")
+    _check(isinstance(te.mask_token_id, int) and -1 <= te.mask_token_id < resolved.vocab_size,
+           "text_encoder.mask_token_id", te.mask_token_id, f"must be -1 or an id below vocab_size {resolved.vocab_size}")
+    _check(not te.train_mask_embedding or te.mask_token_id >= 0, "text_encoder.train_mask_embedding",
+           te.train_mask_embedding, "needs a mask row (text_encoder.mask_token_id >= 0)")
+    _check(not te.mask_embedding or te.mask_token_id >= 0, "text_encoder.mask_embedding", te.mask_embedding,
+           "needs a mask row (text_encoder.mask_token_id >= 0)")
+    _check(te.remat in t5.REMAT_POLICIES, "text_encoder.remat", te.remat, f"choose one of {sorted(t5.REMAT_POLICIES)}")
+    for key in ("dtype", "param_dtype"):
+        _check(te[key] in DTYPES, f"text_encoder.{key}", te[key], f"choose one of {DTYPES}")
+
+    tok = config.tokenizer
+    _check(tok.kind in TOKENIZER_KINDS, "tokenizer.kind", tok.kind, f"choose one of {TOKENIZER_KINDS}")
+    _check(tok.pad_with in ("eos", "pad"), "tokenizer.pad_with", tok.pad_with, "choose 'eos' or 'pad'")
+
+    cd = config.codec
+    _check(cd.kind in ("vae", "pixel"), "codec.kind", cd.kind, "choose 'vae' or 'pixel'")
+    _check(cd.scaling_factor > 0, "codec.scaling_factor", cd.scaling_factor, "must be positive")
+    _positive_ints(cd, "codec", ("layers_per_block", "latent_channels", "norm_num_groups"))
+    boc = tuple(cd.block_out_channels)
+    _check(len(boc) > 0 and all(isinstance(c, int) and c > 0 and c % cd.norm_num_groups == 0 for c in boc),
+           "codec.block_out_channels", boc, f"must be positive multiples of codec.norm_num_groups ({cd.norm_num_groups})")
+    _check(cd.dtype in DTYPES, "codec.dtype", cd.dtype, f"choose one of {DTYPES}")
 
 
 def check_mesh_fits(config: ConfigDict, n_devices: int) -> dict[str, int]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import statistics
 import time
 
 import jax
@@ -24,24 +23,7 @@ from unialignment_jax.models.mmdit import DiTConfig, UniAlignmentDiT
 from unialignment_jax.parallel import mesh as mesh_lib
 from unialignment_jax.parallel import rules as rules_lib
 from unialignment_jax import tasks as tasks_lib
-
-
-def median_seconds(fn, *args, steps: int = 3) -> float:
-    jax.block_until_ready(fn(*args))  # warm-up (and compile)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def matmul_peak_flops(n: int = 2048, steps: int = 5, dtype=jnp.float32) -> float:
-    """FLOP/s of an n^3 matmul on one device of the default backend, timed in this process."""
-    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
-    seconds = median_seconds(jax.jit(jnp.matmul), a, b, steps=steps)
-    return 2 * n**3 / seconds
+from unialignment_jax.training.mfu import matmul_peak_flops, median_seconds
 
 
 def _inputs(config, task: str, batch: int, cfg: DiTConfig):

@@ -46,26 +46,6 @@ def params_by_module(abstract) -> dict[str, int]:
     return out
 
 
-def token_counts(config, task: str) -> tuple[int, int, int]:
-    """(target image tokens, condition tokens, text tokens) of one example of `task`."""
-    side = config.input.resolution // config.input.latent_downsample // config.model.patch_size
-    n_target = side * side
-    n_cond = tasks_lib.num_conditions(task, config.input.num_compose_refs) * n_target
-    return n_target, n_cond, config.input.text_length
-
-
-def step_flops(config, task: str, batch: int) -> int:
-    """Analytic FLOPs of one training step of `task` at global batch `batch` (README: MFU)."""
-    cfg = DiTConfig.from_config(config.model)
-    te = config.text_encoder
-    n_target, n_cond, n_txt = token_counts(config, task)
-    t5 = flops.t5_forward_flops(te.d_model, te.num_layers, te.num_heads, te.d_kv, te.d_ff, n_txt)
-    total = flops.train_pass_flops(flops.dit_forward_flops(cfg, n_target, 0, n_txt)) + t5  # text pass
-    if task in tasks_lib.IMAGE_PASS_TASKS:
-        total += flops.train_pass_flops(flops.dit_forward_flops(cfg, n_target, n_cond, n_txt)) + t5
-    return batch * total
-
-
 def example_inputs(config, task: str, batch: int, mesh, rules):
     """Abstract (ShapeDtypeStruct) inputs of the DiT's image pass for `task`, batch-sharded."""
     cfg = DiTConfig.from_config(config.model)
@@ -124,7 +104,7 @@ def run(args, config) -> int:
         "params_total": total,
         "params_inference": total - by_module["adapters"],
         "params_by_module": by_module,
-        "flops_per_step": {t: step_flops(config, t, batch) for t in tasks_lib.TASKS},
+        "flops_per_step": {t: flops.step_flops(config, t, batch) for t in tasks_lib.TASKS},
         "global_batch": batch,
         "mesh": dict(mesh.shape),
         "sharding_rules": config.sharding.rules,

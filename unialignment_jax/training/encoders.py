@@ -1,0 +1,62 @@
+"""The frozen side of a training run: tokenizer, text encoder, image codec and the empty prompt's
+features, built once on the mesh and passed to every step as arguments (not baked in as constants).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from unialignment_jax.models import create
+from unialignment_jax.models import encoders as encoder_factories
+from unialignment_jax.models.t5 import eos_attention_mask
+
+
+@dataclasses.dataclass
+class Frozen:
+    tokenizer: Any
+    text_graphdef: Any
+    codec_static: Any  # the codec's graphdef (an nnx module) or the codec object itself
+    codec_is_module: bool
+    use_attention_mask: bool
+    arrays: dict  # {'text': T5 state, 'codec': codec state, 'null_features': (1, L, D)}
+
+    def text_encoder(self, text_state):
+        """The text encoder as the objective wants it: ids (B, L) -> features (B, L, D)."""
+        model = nnx.merge(self.text_graphdef, text_state)
+        if self.use_attention_mask:
+            return lambda ids: model(ids, eos_attention_mask(ids, self.tokenizer.eos_id))
+        return lambda ids: model(ids)
+
+
+def build_frozen(config, mesh, rules) -> Frozen:
+    tokenizer = encoder_factories.build_tokenizer(config)
+    encoder_factories.check_consistency(config, tokenizer)
+    text_encoder = encoder_factories.build_text_encoder(config, mesh, rules)
+    codec = encoder_factories.build_codec(config, mesh, rules)
+    text_graphdef, text_state = nnx.split(text_encoder)
+    if isinstance(codec, nnx.Module):
+        codec_static, codec_state = nnx.split(codec)
+    else:
+        codec_static, codec_state = codec, {}
+    frozen = Frozen(tokenizer=tokenizer, text_graphdef=text_graphdef, codec_static=codec_static,
+                    codec_is_module=isinstance(codec, nnx.Module),
+                    use_attention_mask=bool(config.text_encoder.use_attention_mask),
+                    arrays={"text": text_state, "codec": codec_state})
+    # The empty prompt (official: T5(" ") padded with EOS) replaces 10% of prompts (CFG dropout).
+    # One row per batch shard: a batch of 1 cannot follow the batch-sharded activation layout.
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    ids = jnp.asarray(tokenizer.encode([" "] * shards, int(config.input.text_length)))
+    with create.sharding_context(mesh, rules):
+        null = jax.jit(lambda state, ids: frozen.text_encoder(state)(ids)[:1])(text_state, ids)
+    frozen.arrays["null_features"] = jax.device_put(
+        null.astype(jnp.float32), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    # Block: on simulated CPU devices a resharding still in flight when the first step's
+    # collectives start can deadlock XLA:CPU (STACK.md).
+    jax.block_until_ready(frozen.arrays)
+    return frozen
+

@@ -1,0 +1,228 @@
+"""`unialignment train`: the one training loop, readable top to bottom.
+
+  1. check the config against the devices (exit 2 before anything is written)
+  2. mesh, frozen encoders (text encoder, codec, tokenizer), the DiT's abstract state
+  3. a fresh sharded train state, or the latest checkpoint restored onto this mesh
+  4. data iterators per (stage, task), restored to their saved positions
+  5. one compiled step per (stage, task), built on first use (AOT: lower + compile)
+  6. the loop: pick stage and task from the step, run, log the previous step's metrics,
+     checkpoint, sample, stop on SIGTERM (save, exit 0) or on too many non-finite steps
+
+Run: unialignment train --config experiments/demo.py --workdir runs/demo --cpu_devices 8
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import signal
+import sys
+import time
+
+import jax
+import numpy as np
+from etils import epath
+from flax import nnx
+
+from unialignment_jax import config as config_lib
+from unialignment_jax.interop.convert import flatten
+from unialignment_jax.models import create
+from unialignment_jax.models.mmdit import DiTConfig, UniAlignmentDiT
+from unialignment_jax.objectives import unified
+from unialignment_jax.parallel import mesh as mesh_lib
+from unialignment_jax.parallel import rules as rules_lib
+from unialignment_jax.training import checkpoint as checkpoint_lib
+from unialignment_jax.training import encoders as encoders_lib
+from unialignment_jax.training import inputs as inputs_lib
+from unialignment_jax.training import metrics as metrics_lib
+from unialignment_jax.training import mfu
+from unialignment_jax.training import schedule as schedule_lib
+from unialignment_jax.training import state as state_lib
+from unialignment_jax.training import step as step_lib
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def objective_options(config, tokenizer) -> unified.ObjectiveOptions:
+    o = config.objective
+    return unified.ObjectiveOptions(
+        flow_loss=o.flow_loss, timestep_shift=o.timestep_shift, cfg_dropout=o.cfg_dropout,
+        text_normalize=o.text_normalize, contrastive_group_size=o.contrastive_group_size or None,
+        antithetic_group_size=o.antithetic_group_size or None, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+
+
+def run(args, config) -> int:
+    workdir = epath.Path(args.workdir)
+    if logging.getLogger().level > logging.DEBUG:
+        logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save step by step
+    # -- 1. checks that need the devices, before anything is written ---------------------------
+    mesh_lib.initialize_distributed(config.distributed)
+    try:
+        config_lib.check_mesh_fits(config, jax.device_count())
+        schedule = schedule_lib.from_config(config)
+        inputs_lib.check_data_config(config, schedule)
+    except (config_lib.ConfigError, ValueError) as e:
+        print(f"unialignment train: config error: {e}", file=sys.stderr)
+        return 2
+    simulated = jax.default_backend() == "cpu" and jax.device_count() > 1
+    is_writer = jax.process_index() == 0
+
+    # -- 2. mesh, frozen encoders, the DiT's abstract state -------------------------------------
+    mesh = mesh_lib.make_mesh(config.mesh)
+    rules = rules_lib.get_rules(config.sharding.rules)
+    dit_cfg = DiTConfig.from_config(config.model)
+    make_dit = lambda: UniAlignmentDiT(dit_cfg, rngs=nnx.Rngs(config.seed))
+    graphdef, abstract_params = create.abstract_state(make_dit, mesh, rules)
+    frozen = encoders_lib.build_frozen(config, mesh, rules)  # text encoder, codec, tokenizer, null prompt
+    tx = state_lib.make_optimizer(config.optimizer)
+    use_ema = config.ema.decay > 0
+
+    def fresh_state():
+        params = nnx.to_pure_dict(nnx.state(make_dit()))
+        return state_lib.init_state(params, tx, config.seed, use_ema)
+
+    with create.sharding_context(mesh, rules), nnx.use_eager_sharding(False):
+        abstract_state = jax.eval_shape(fresh_state)
+    state_shardings = state_lib.state_shardings(abstract_state, abstract_params, mesh)
+    abstract_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                  abstract_state, state_shardings)
+
+    # -- 3. fresh or restored state -------------------------------------------------------------
+    workdir.mkdir(parents=True, exist_ok=True)
+    checkpointer = checkpoint_lib.Checkpointer(workdir / "checkpoints", config.keep_checkpoints,
+                                               config.keep_checkpoint_every)
+    latest = checkpointer.latest_step()
+    data_states = {}
+    if latest is None:
+        with create.sharding_context(mesh, rules), nnx.use_eager_sharding(False):
+            state = jax.jit(fresh_state, out_shardings=state_shardings)()
+        if is_writer:
+            (workdir / "config.json").write_text(config_lib.to_json(config))
+        logging.info("train: fresh run in %s", workdir)
+    else:
+        state, meta = checkpointer.restore(latest, abstract_state)
+        data_states = meta.get("data", {})
+        logging.info("train: resumed %s at step %d (stage %s)", workdir, latest, meta.get("stage"))
+    jax.block_until_ready(state)  # nothing may be in flight when the first step starts (STACK.md)
+    start_step = int(jax.device_get(state.step))
+    n_params = state_lib.count_params(state.params)
+    logging.info("DiT parameters: %s; mesh %s; rules %s", f"{n_params:,}", dict(mesh.shape), config.sharding.rules)
+
+    # -- 4. data --------------------------------------------------------------------------------
+    data = inputs_lib.TrainInputs(config, schedule, frozen.tokenizer, mesh, rules, data_states)
+
+    # -- 5. compiled steps, built on first use --------------------------------------------------
+    statics = step_lib.StepStatics(
+        dit_graphdef=graphdef, text_encoder=frozen.text_encoder, codec=frozen.codec_static,
+        codec_is_module=frozen.codec_is_module, tx=tx, options=objective_options(config, frozen.tokenizer),
+        mask_id=frozen.tokenizer.mask_id, grad_accum_reduce=config.optimizer.grad_accum_reduce,
+        ema_decay=float(config.ema.decay), ema_warmup=bool(config.ema.warmup))
+    compiled = {}
+
+    def compiled_step(stage, task, batch, lr):
+        """(the compiled step, seconds spent compiling it now)."""
+        key = step_lib.step_key(stage, task)
+        if key in compiled:
+            return compiled[key], 0.0
+        trainable = state_lib.trainable_mask(state.params, stage.is_trainable)
+        fn = step_lib.build_train_step(statics, stage, task, trainable)
+        jitted = jax.jit(fn, out_shardings=(state_shardings, None), donate_argnums=(0,))
+        t0 = time.perf_counter()
+        with create.sharding_context(mesh, rules):
+            compiled[key] = jitted.lower(state, frozen.arrays, batch, lr).compile()
+        seconds = time.perf_counter() - t0
+        logging.info("compiled the %s step of stage %s in %.1f s", task, stage.name, seconds)
+        return compiled[key], seconds
+
+    # -- 6. the loop ----------------------------------------------------------------------------
+    writer = metrics_lib.MetricWriter(workdir, enabled=is_writer)
+    if latest is None:
+        writer.write_hparams(config.to_dict())
+    peak, peak_source = mfu.device_peak_flops()
+    logging.info("MFU peak per device: %.3g FLOP/s (%s)", peak, peak_source)
+    progress = metrics_lib.Progress(schedule.total_steps, start_step, config.progress)
+    stop = {"signal": None}
+    previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+
+    def meta(step):
+        return {"step": step, "stage": schedule.stage_at(step).name, "data": data.states(),
+                "config": json.loads(config_lib.to_json(config))}
+
+    # `pending` is the previous step: its metrics are read (logged, checked for non-finite runs)
+    # after the next step is dispatched, so the host never waits on the step in flight.
+    pending = None
+    last_saved = start_step
+    try:
+        for step in range(start_step, schedule.total_steps):
+            t0 = time.perf_counter()
+            stage, task = schedule.stage_at(step), schedule.task_at(step)
+            lr = np.float32(stage.lr_at(step - stage.start))
+            batch = data.next_batch(stage, task)
+            fn, compile_seconds = compiled_step(stage, task, batch, lr)
+            state, step_metrics = fn(state, frozen.arrays, batch, lr)
+            if simulated:  # XLA:CPU's simulated devices deadlock with executions in flight (STACK.md)
+                jax.block_until_ready(state.step)
+            if pending is not None:
+                # The previous step's time: from its start to this one's, less this one's compile.
+                pending.seconds = t0 - pending.start_time
+                _finish(pending, writer, progress, config, peak, checkpointer)
+            pending = _Pending(step, stage, task, step_metrics, t0 + compile_seconds, stage.batch_size,
+                               data.skipped())
+            done = step + 1
+            if done % config.checkpoint_every == 0 or done == schedule.total_steps:
+                checkpointer.save(state, meta(done), force=True)
+                last_saved = done
+            if stop["signal"] is not None:
+                logging.warning("train: signal %s after step %d: saving and exiting", stop["signal"], done)
+                if last_saved != done:
+                    checkpointer.save(state, meta(done), force=True)
+                break
+        if pending is not None:
+            jax.block_until_ready(state.step)
+            pending.seconds = time.perf_counter() - pending.start_time
+            _finish(pending, writer, progress, config, peak, checkpointer, final=True)
+    except TrainingError as e:
+        print(f"unialignment train: {e}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        progress.close()
+        checkpointer.close()
+        writer.close()
+        data.close()
+    return 0
+
+
+@dataclasses.dataclass
+class _Pending:
+    step: int
+    stage: schedule_lib.Stage
+    task: str
+    metrics: dict
+    start_time: float
+    examples: int
+    skipped_records: int
+    seconds: float = 0.0
+
+
+def _finish(p: _Pending, writer, progress, config, peak, checkpointer, final=False):
+    """Log a completed step (when due) and stop on a run of non-finite steps."""
+    seconds = max(p.seconds, 1e-9)
+    if final or (p.step + 1) % config.log_every == 0 or p.step == 0:
+        values = dict(p.metrics)
+        values["examples_per_sec"] = p.examples / seconds
+        values["data/skipped_records"] = p.skipped_records
+        values["flops_utilization"] = inputs_lib.step_flops(config, p.stage, p.task) / seconds / (
+            jax.device_count() * peak)
+        scalars = writer.write_scalars(p.step + 1, values, stage=p.stage.name, task=p.task)
+        progress.update(p.step + 1, p.stage.name, p.task, scalars)
+    run = int(jax.device_get(p.metrics["nonfinite_run"]))
+    if run >= config.max_nonfinite_steps:
+        checkpointer.wait()
+        raise TrainingError(
+            f"{run} consecutive non-finite steps (loss or gradient norm) up to step {p.step + 1}: stopping. "
+            f"Those updates were skipped; the last good checkpoint (step {checkpointer.latest_step()}) is "
+            "intact. Lower the learning rate or check the data.")
