@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--task", default="t2i", help="task shape to compile (t2i, edit, compose, caption)")
             p.add_argument("--batch", type=int, default=0,
                            help="global batch to compile (default: config.batch_size)")
+            p.add_argument("--accum", type=int, default=0,
+                           help="micro-batches per step to compile (default: the stage's; 1 with --batch)")
+            p.add_argument("--latents", action="store_true",
+                           help="compile for precomputed latents (default: pixels, the codec encodes in the step)")
         if name == "bench":
             p.add_argument("--steps", type=int, default=3, help="timed steps per measurement")
             p.add_argument("--tasks", default="t2i", help="comma-separated task shapes to time")

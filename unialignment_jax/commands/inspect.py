@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -46,40 +44,13 @@ def params_by_module(abstract) -> dict[str, int]:
     return out
 
 
-def example_inputs(config, task: str, batch: int, mesh, rules):
-    """Abstract (ShapeDtypeStruct) inputs of the DiT's image pass for `task`, batch-sharded."""
-    cfg = DiTConfig.from_config(config.model)
-    side = config.input.resolution // config.input.latent_downsample
-    n_cond = tasks_lib.num_conditions(task, config.input.num_compose_refs)
-    spec = lambda nd: jax.sharding.NamedSharding(mesh, rules_lib.logical_to_spec(("act_batch",) + (None,) * (nd - 1), rules))
-    sds = lambda shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype, sharding=spec(len(shape)))
-    latents = sds((batch, side, side, cfg.in_channels))
-    cond = sds((batch, n_cond, side, side, cfg.in_channels)) if n_cond else None
-    context = sds((batch, config.input.text_length, cfg.context_dim))
-    return latents, cond, context, sds((batch,))
+def compile_train_step(config, task: str, batch: int, accum: int, mesh, rules, latents: bool):
+    """AOT-compile the real train step of the first stage (both passes, the frozen text encoder,
+    the codec's encoder unless `latents`, the optimizer) from abstract inputs."""
+    from unialignment_jax.training import aot
 
-
-def compile_forward_backward(config, task: str, batch: int, mesh, rules):
-    """AOT-compile value_and_grad of the image pass + text pass (a surrogate of the train step's
-    model work: same passes, same shapes, a placeholder loss) and return the compiled object."""
-    cfg = DiTConfig.from_config(config.model)
-    graphdef, abstract = create.abstract_state(lambda: UniAlignmentDiT(cfg, rngs=nnx.Rngs(0)), mesh, rules)
-    latents, cond, context, ts = example_inputs(config, task, batch, mesh, rules)
-    image_pass = task in tasks_lib.IMAGE_PASS_TASKS
-
-    def loss(state, latents, cond, context, ts):
-        model = nnx.merge(graphdef, state)
-        total = 0.0
-        if image_pass:
-            out = model(latents, context, ts, cond, tap=True)
-            total += jnp.mean(out["velocity"] ** 2) + jnp.mean(out["tap_image"])
-        out = model(latents, context, jnp.zeros_like(ts), tap=True)
-        return total + jnp.mean(jax.nn.logsumexp(out["text_logits"], -1)) + jnp.mean(out["tap_text"])
-
-    shardings = jax.tree.map(lambda s: s.sharding, abstract)
-    fn = jax.jit(jax.value_and_grad(loss), out_shardings=(None, shardings))
-    with create.sharding_context(mesh, rules):
-        return fn.lower(abstract, latents, cond, context, ts).compile()
+    return aot.lower_train_step(config, task, mesh, rules, batch_size=batch, accum_steps=accum,
+                                latents=latents).compile()
 
 
 def memory_report(compiled) -> dict[str, int]:
@@ -112,7 +83,10 @@ def run(args, config) -> int:
     if args.compile:
         tasks_lib.check_task(args.task, "--task")
         start = time.perf_counter()
-        compiled = compile_forward_backward(config, args.task, batch, mesh, rules)
+        # --batch alone compiles one micro-batch of that size (no accumulation).
+        accum = args.accum or (1 if args.batch else None)
+        compiled = compile_train_step(config, args.task, batch, accum, mesh, rules, args.latents)
+        result["compiled_accum_steps"] = accum
         result["compile_seconds"] = round(time.perf_counter() - start, 2)
         result["compiled_task"] = args.task
         result["memory_per_device_bytes"] = memory_report(compiled)
@@ -127,7 +101,7 @@ def run(args, config) -> int:
         print(f"  {t:10s} {f / 1e12:12.2f} TFLOP")
     if args.compile:
         mem = result["memory_per_device_bytes"]
-        print(f"AOT compile of the {args.task} forward+backward on mesh {result['mesh']} "
+        print(f"AOT compile of the {args.task} train step on mesh {result['mesh']} "
               f"({result['compile_seconds']} s); per device:")
         for k, v in mem.items():
             print(f"  {k:15s} {v / 2**30:10.3f} GiB")

@@ -81,3 +81,32 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def restore_params(directory: epath.PathLike, abstract_params: dict, *, ema: bool = False,
+                   step: int | None = None) -> tuple[dict, int, dict[str, Any]]:
+    """Only the parameters (or their EMA) of a run's checkpoint, onto the shardings carried by
+    `abstract_params` (a pure dict of ShapeDtypeStructs): what `sample`, `evaluate` and `export`
+    need, without reading the optimizer state. Returns (params, step, meta)."""
+    manager = ocp.CheckpointManager(epath.Path(directory), item_names=("state", "meta"),
+                                    options=ocp.CheckpointManagerOptions(read_only=True))
+    steps = list(manager.all_steps())
+    if not steps:
+        raise FileNotFoundError(f"{directory}: no checkpoint (train first, or check --workdir)")
+    step = max(steps) if step is None else step
+    if step not in steps:
+        raise FileNotFoundError(f"{directory}: no checkpoint at step {step} (have {sorted(steps)})")
+    key = "ema" if ema else "params"
+    target = {key: abstract_params}
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True),
+            meta=ocp.args.JsonRestore()))
+    except (KeyError, ValueError) as e:
+        if ema:
+            raise ValueError(f"{directory} step {step}: no EMA weights in this checkpoint (the run had "
+                             f"ema.decay = 0?): {e}") from None
+        raise
+    manager.close()
+    return dict(restored["state"])[key], step, dict(restored["meta"])

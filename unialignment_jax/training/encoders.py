@@ -7,8 +7,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import os
+
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import nnx
 
 from unialignment_jax.models import create
@@ -60,3 +63,41 @@ def build_frozen(config, mesh, rules) -> Frozen:
     jax.block_until_ready(frozen.arrays)
     return frozen
 
+
+
+def abstract_frozen(config, mesh, rules) -> Frozen:
+    """The same as `build_frozen` with ShapeDtypeStructs instead of arrays (nothing allocated):
+    for AOT compiles of the train step (`inspect --compile`) at sizes that do not fit here."""
+    from unialignment_jax.models.pixel_codec import PixelCodec
+    from unialignment_jax.models.t5 import T5Encoder
+    from unialignment_jax.models.vae import AutoencoderKL
+
+    have_file = config.tokenizer.kind == "byte" or os.path.exists(config.tokenizer.path)
+    tokenizer = encoder_factories.build_tokenizer(config) if have_file else _AbstractTokenizer(config)
+    t5_cfg = encoder_factories.t5_config(config)
+    text_graphdef, text_state = create.abstract_state(lambda: T5Encoder(t5_cfg, rngs=nnx.Rngs(0)), mesh, rules)
+    if config.codec.kind == "pixel":
+        codec_graphdef, codec_state = nnx.split(PixelCodec(config.input.latent_downsample))
+    else:
+        codec_cfg = config
+        if config.codec.weights and not os.path.exists(config.codec.weights):
+            # No weights here: the architecture from the config keys (SD3's by default).
+            codec_cfg = ml_collections.ConfigDict({"codec": dict(config.codec.to_dict(), weights="")})
+        vae_cfg = encoder_factories.vae_config(codec_cfg)
+        codec_graphdef, codec_state = create.abstract_state(lambda: AutoencoderKL(vae_cfg, rngs=nnx.Rngs(0)),
+                                                            mesh, rules)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    null = jax.ShapeDtypeStruct((1, int(config.input.text_length), t5_cfg.d_model), jnp.float32, sharding=replicated)
+    return Frozen(tokenizer=tokenizer, text_graphdef=text_graphdef, codec_static=codec_graphdef,
+                  codec_is_module=True, use_attention_mask=bool(config.text_encoder.use_attention_mask),
+                  arrays={"text": text_state, "codec": codec_state, "null_features": null})
+
+
+class _AbstractTokenizer:
+    """The T5 tokenizer's ids (pad 0, eos 1, mask <extra_id_0> = 32099) without its model file, for
+    compiling when `tokenizer.path` is not available here."""
+
+    def __init__(self, config):
+        self.pad_id, self.eos_id = 0, 1
+        self.mask_id = int(config.text_encoder.mask_token_id)
+        self.vocab_size = int(config.model.vocab_size)

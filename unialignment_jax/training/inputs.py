@@ -6,6 +6,11 @@ from __future__ import annotations
 
 import logging
 
+import json
+
+import jax
+import numpy as np
+
 from unialignment_jax.data import pipeline
 from unialignment_jax.models import flops
 
@@ -38,10 +43,18 @@ def step_flops(config, stage, task) -> int:
 
 
 class TrainInputs:
-    def __init__(self, config, schedule, tokenizer, mesh, rules, saved_states: dict):
+    def __init__(self, config, schedule, tokenizer, mesh, rules, saved: dict | None):
+        """`saved`: the checkpoint's data entry ({'process_count', 'per_process'}) or None."""
         del tokenizer  # the pipeline builds its own from config.tokenizer
         self.config, self.schedule, self.mesh = config, schedule, mesh
-        self.saved = dict(saved_states)
+        self.saved = {}
+        if saved:
+            if saved.get("process_count") == jax.process_count():
+                self.saved = dict(saved["per_process"][jax.process_index()])
+            else:
+                logging.warning("data: the checkpoint holds iterator positions for %s processes, this run has %d; "
+                                "the data iterators restart from the beginning", saved.get("process_count"),
+                                jax.process_count())
         self.iterators: dict[str, pipeline.HostBatchIterator] = {}
 
     def _iterator(self, stage, task) -> pipeline.HostBatchIterator:
@@ -60,8 +73,10 @@ class TrainInputs:
         return pipeline.to_global_batch(next(self._iterator(stage, task)), self.mesh)
 
     def states(self) -> dict:
-        """Positions of every iterator (and of saved ones not reopened yet), for the checkpoint."""
-        return {**self.saved, **{k: it.get_state() for k, it in self.iterators.items()}}
+        """Positions of every iterator of every process (and of saved ones not reopened yet), for
+        the checkpoint: each host reads its own shard, so each has its own positions."""
+        mine = {**self.saved, **{k: it.get_state() for k, it in self.iterators.items()}}
+        return {"process_count": jax.process_count(), "per_process": _allgather_json(mine)}
 
     def skipped(self) -> int:
         return sum(int(it.skipped_records) for it in self.iterators.values())
@@ -71,3 +86,17 @@ class TrainInputs:
             close = getattr(it, "close", None)
             if close:
                 close()
+
+
+def _allgather_json(obj) -> list:
+    """Every process's JSON-able `obj`, in process order (a collective: all processes call it)."""
+    if jax.process_count() == 1:
+        return [obj]
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    lengths = multihost_utils.process_allgather(np.int32(data.size))
+    padded = np.zeros(int(np.max(lengths)), np.uint8)
+    padded[: data.size] = data
+    gathered = multihost_utils.process_allgather(padded)
+    return [json.loads(bytes(row[:n]).decode()) for row, n in zip(np.asarray(gathered), np.asarray(lengths))]

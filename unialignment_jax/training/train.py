@@ -1,7 +1,7 @@
 """`unialignment train`: the one training loop, readable top to bottom.
 
   1. check the config against the devices (exit 2 before anything is written)
-  2. mesh, frozen encoders (text encoder, codec, tokenizer), the DiT's abstract state
+  2. mesh, frozen encoders (text encoder, codec, tokenizer), the train state's shapes/shardings
   3. a fresh sharded train state, or the latest checkpoint restored onto this mesh
   4. data iterators per (stage, task), restored to their saved positions
   5. one compiled step per (stage, task), built on first use (AOT: lower + compile)
@@ -23,15 +23,12 @@ import time
 import jax
 import numpy as np
 from etils import epath
-from flax import nnx
 
 from unialignment_jax import config as config_lib
-from unialignment_jax.interop.convert import flatten
 from unialignment_jax.models import create
-from unialignment_jax.models.mmdit import DiTConfig, UniAlignmentDiT
-from unialignment_jax.objectives import unified
 from unialignment_jax.parallel import mesh as mesh_lib
 from unialignment_jax.parallel import rules as rules_lib
+from unialignment_jax.training import aot
 from unialignment_jax.training import checkpoint as checkpoint_lib
 from unialignment_jax.training import encoders as encoders_lib
 from unialignment_jax.training import inputs as inputs_lib
@@ -44,14 +41,6 @@ from unialignment_jax.training import step as step_lib
 
 class TrainingError(RuntimeError):
     pass
-
-
-def objective_options(config, tokenizer) -> unified.ObjectiveOptions:
-    o = config.objective
-    return unified.ObjectiveOptions(
-        flow_loss=o.flow_loss, timestep_shift=o.timestep_shift, cfg_dropout=o.cfg_dropout,
-        text_normalize=o.text_normalize, contrastive_group_size=o.contrastive_group_size or None,
-        antithetic_group_size=o.antithetic_group_size or None, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
 
 
 def run(args, config) -> int:
@@ -70,41 +59,28 @@ def run(args, config) -> int:
     simulated = jax.default_backend() == "cpu" and jax.device_count() > 1
     is_writer = jax.process_index() == 0
 
-    # -- 2. mesh, frozen encoders, the DiT's abstract state -------------------------------------
+    # -- 2. mesh, frozen encoders, the train state's shapes and shardings ----------------------
     mesh = mesh_lib.make_mesh(config.mesh)
     rules = rules_lib.get_rules(config.sharding.rules)
-    dit_cfg = DiTConfig.from_config(config.model)
-    make_dit = lambda: UniAlignmentDiT(dit_cfg, rngs=nnx.Rngs(config.seed))
-    graphdef, abstract_params = create.abstract_state(make_dit, mesh, rules)
     frozen = encoders_lib.build_frozen(config, mesh, rules)  # text encoder, codec, tokenizer, null prompt
-    tx = state_lib.make_optimizer(config.optimizer)
-    use_ema = config.ema.decay > 0
-
-    def fresh_state():
-        params = nnx.to_pure_dict(nnx.state(make_dit()))
-        return state_lib.init_state(params, tx, config.seed, use_ema)
-
-    with create.sharding_context(mesh, rules), nnx.use_eager_sharding(False):
-        abstract_state = jax.eval_shape(fresh_state)
-    state_shardings = state_lib.state_shardings(abstract_state, abstract_params, mesh)
-    abstract_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                  abstract_state, state_shardings)
+    spec = aot.train_state_spec(config, mesh, rules)
+    state_shardings = spec.shardings
 
     # -- 3. fresh or restored state -------------------------------------------------------------
     workdir.mkdir(parents=True, exist_ok=True)
     checkpointer = checkpoint_lib.Checkpointer(workdir / "checkpoints", config.keep_checkpoints,
                                                config.keep_checkpoint_every)
     latest = checkpointer.latest_step()
-    data_states = {}
+    data_states = None
     if latest is None:
-        with create.sharding_context(mesh, rules), nnx.use_eager_sharding(False):
-            state = jax.jit(fresh_state, out_shardings=state_shardings)()
+        with create.sharding_context(mesh, rules):
+            state = jax.jit(spec.fresh, out_shardings=state_shardings)()
         if is_writer:
             (workdir / "config.json").write_text(config_lib.to_json(config))
         logging.info("train: fresh run in %s", workdir)
     else:
-        state, meta = checkpointer.restore(latest, abstract_state)
-        data_states = meta.get("data", {})
+        state, meta = checkpointer.restore(latest, spec.abstract)
+        data_states = meta.get("data")
         logging.info("train: resumed %s at step %d (stage %s)", workdir, latest, meta.get("stage"))
     jax.block_until_ready(state)  # nothing may be in flight when the first step starts (STACK.md)
     start_step = int(jax.device_get(state.step))
@@ -115,11 +91,7 @@ def run(args, config) -> int:
     data = inputs_lib.TrainInputs(config, schedule, frozen.tokenizer, mesh, rules, data_states)
 
     # -- 5. compiled steps, built on first use --------------------------------------------------
-    statics = step_lib.StepStatics(
-        dit_graphdef=graphdef, text_encoder=frozen.text_encoder, codec=frozen.codec_static,
-        codec_is_module=frozen.codec_is_module, tx=tx, options=objective_options(config, frozen.tokenizer),
-        mask_id=frozen.tokenizer.mask_id, grad_accum_reduce=config.optimizer.grad_accum_reduce,
-        ema_decay=float(config.ema.decay), ema_warmup=bool(config.ema.warmup))
+    statics = aot.step_statics(config, spec, frozen)
     compiled = {}
 
     def compiled_step(stage, task, batch, lr):
