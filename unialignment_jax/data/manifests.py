@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any
 
 import numpy as np
+from etils import epath
 
+from unialignment_jax import paths
 from unialignment_jax.data import images as image_lib
 
 
@@ -153,14 +154,14 @@ class Row:
 
 
 def _read_image(path: str, opts: RowOptions) -> tuple[bytes | None, np.ndarray | None]:
-    if "://" in path:
-        raise BadRow("unreadable image", f"{path}: URLs are not fetched")
-    full = path if os.path.isabs(path) else os.path.join(opts.images_root, path)
+    if "://" in path and not path.startswith(("gs://", "s3://")):
+        raise BadRow("unreadable image", f"{path}: URLs are not fetched (bucket paths gs://, s3:// are)")
+    full = paths.join(opts.images_root, path)  # images_root may be a URI (gs://...)
     try:
-        size = os.path.getsize(full)
+        size = epath.Path(full).stat().length
         if size > opts.max_image_bytes:
             raise BadRow("image too large", f"{full}: {size} bytes > {opts.max_image_bytes}")
-        with open(full, "rb") as f:
+        with epath.Path(full).open("rb") as f:
             data = f.read()
     except FileNotFoundError:
         raise BadRow("missing image", full) from None

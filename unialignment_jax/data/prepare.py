@@ -46,12 +46,15 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 import time
 import uuid
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+from etils import epath
 
+from unialignment_jax import paths
 from unialignment_jax.data import images as image_lib
 from unialignment_jax.data import manifests
 from unialignment_jax.data.manifests import Row, RowOptions, process_star
@@ -153,12 +156,13 @@ class PrepareOptions:
 def options_from_args(args, config=None) -> PrepareOptions:
     """Validate the arguments (UsageError on a bad one) and resolve config defaults."""
     task = check_task(args.task, "--task")
-    manifests = [os.path.abspath(m) for m in args.manifest]
+    # Local paths or URIs (gs://...): every path goes through epath (unialignment_jax/paths.py).
+    manifests = [paths.absolute(m) for m in args.manifest]
     for m in manifests:
-        if not os.path.isfile(m):
+        if not epath.Path(m).is_file():
             raise UsageError(f"--manifest {m}: no such file")
-    images_root = os.path.abspath(args.images_root) if args.images_root else os.path.dirname(manifests[0])
-    if args.images_root and not os.path.isdir(images_root):
+    images_root = paths.absolute(args.images_root) if args.images_root else paths.parent(manifests[0])
+    if args.images_root and not epath.Path(images_root).is_dir():
         raise UsageError(f"--images-root {images_root}: no such directory")
     inp = config.input if config is not None else None
     k = args.num_compose_refs or (int(inp.num_compose_refs) if inp is not None else 3)
@@ -181,8 +185,9 @@ def options_from_args(args, config=None) -> PrepareOptions:
         teacher_dim = args.teacher_dim or (int(config.model.adapter_out) if config is not None else 64)
     if args.num_shards < 0 or args.batch_size <= 0 or args.workers < 0:
         raise UsageError("--num-shards, --workers must be >= 0 and --batch-size > 0")
-    out = os.path.abspath(args.out)
-    if os.path.exists(out) and not args.overwrite and (not os.path.isdir(out) or os.listdir(out)):
+    out = paths.absolute(args.out)
+    out_path = epath.Path(out)
+    if out_path.exists() and not args.overwrite and (not out_path.is_dir() or any(out_path.iterdir())):
         raise UsageError(f"--out {out} exists; pass --overwrite to replace it")
     storage = ("both" if args.keep_images else "latents") if args.latents else "encoded"
     row = RowOptions(task=task, num_cond=num_cond, images_root=images_root, resolution=resolution,
@@ -265,8 +270,8 @@ class _Preparer:
     def _lines(self) -> Iterator[tuple]:
         multi = len(self.opts.manifests) > 1
         for i, path in enumerate(self.opts.manifests):
-            base = os.path.basename(path)
-            with open(path, "rb") as f:
+            base = epath.Path(path).name
+            with epath.Path(path).open("rb") as f:
                 for n, raw in enumerate(f, 1):
                     if not raw.strip():
                         continue
@@ -415,6 +420,17 @@ def prepare(opts: PrepareOptions, report: PrepareReport | None = None) -> Prepar
     tfds.disable_progress_bar()
     t0 = time.time()
     report = report or PrepareReport(manifests=opts.manifests, task=opts.task, split=opts.split)
+    if paths.is_remote(opts.out):
+        # A bucket has no atomic rename: build the dataset locally, then upload it with its
+        # dataset_info.json last (readers look for that file), replacing an older one (--overwrite).
+        with tempfile.TemporaryDirectory(prefix="unialignment-prepare-") as tmp:
+            report = prepare(dataclasses.replace(opts, out=os.path.join(tmp, "dataset")), report)
+            dst = epath.Path(opts.out)
+            if dst.exists():
+                dst.rmtree()
+            paths.copy_tree(report.out, dst, last=("dataset_info.json",))
+        report.out = opts.out
+        return report
     out = opts.out
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     tmp = f"{out}.incomplete-{uuid.uuid4().hex[:8]}"
@@ -476,10 +492,10 @@ def run(args, config=None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from unialignment_jax.data.prepare_args import build_parser
+    """`python -m unialignment_jax.data.prepare ...` = `unialignment prepare ...` (one parser)."""
+    from unialignment_jax import cli
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    return run(build_parser().parse_args(argv))
+    return cli.main(["prepare", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -218,13 +218,29 @@ def find_dataset_dir(path: str) -> str:
         return str(p)
     if not p.exists():
         raise FileNotFoundError(f"{path}: no such prepared dataset")
-    found = sorted(q.parent for q in p.glob("**/dataset_info.json"))
+    found = sorted(q.parent for q in _find_named(p, "dataset_info.json", depth=4))
     if len(found) != 1:
         raise FileNotFoundError(
             f"{path}: not a complete prepared dataset (no dataset_info.json; an interrupted "
             f"`unialignment prepare` leaves none)" if not found else
             f"{path}: holds {len(found)} datasets; give one of {[str(f) for f in found]}")
     return str(found[0])
+
+
+def _find_named(root, name: str, depth: int) -> list:
+    """Files called `name` in the `depth` directory levels under `root` (listing level by level:
+    epath refuses recursive `**` globs on buckets)."""
+    found, level = [], [root]
+    for _ in range(depth):
+        below = []
+        for d in level:
+            for child in d.iterdir():
+                if child.name == name:
+                    found.append(child)
+                elif child.is_dir():
+                    below.append(child)
+        level = below
+    return found
 
 
 def open_prepared(path: str):

@@ -47,6 +47,28 @@ def _to_numpy(x) -> np.ndarray:
     return x.astype(np.float32) if x.dtype != np.float32 else x
 
 
+@jax.jit
+def _take_layer(x, i):
+    return jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False)
+
+
+def fetch(x, layer: int | None = None) -> np.ndarray:
+    """One parameter, or one layer of a stacked one, as a float32 host array gathered from its
+    shards. The layer is cut on the devices (one compiled slice per shape, the index traced), so
+    only that layer crosses to the host. For arrays spanning several processes every process must
+    call this (the gather is a collective)."""
+    if isinstance(x, jax.Array):
+        if layer is not None:
+            x = _take_layer(x, np.int32(layer))
+        if not x.is_fully_addressable:
+            from jax.experimental import multihost_utils
+
+            x = multihost_utils.process_allgather(x, tiled=True)
+    elif layer is not None:
+        x = np.asarray(x)[layer]
+    return _to_numpy(x)
+
+
 def iter_official(params, cfg) -> Iterator[tuple[str, np.ndarray]]:
     """(torch key, tensor) pairs of the official state dict, streamed one tensor at a time.
 
@@ -61,7 +83,7 @@ def iter_official(params, cfg) -> Iterator[tuple[str, np.ndarray]]:
         x = flat[row.ours]
         layers = range(cfg.num_layers) if row.per_layer else [None]
         for i in layers:
-            part = _to_numpy(x[i] if i is not None else x)
+            part = fetch(x, i)
             for key, t in zip(row.torch, names.to_torch(row, part)):
                 yield key.format(i=i), t
     table = embeddings.sincos_table(cfg.width, cfg.pos_embed_max_size, cfg.sample_size // cfg.patch_size)

@@ -3,19 +3,21 @@
 Both stream the checkpoint tensor by tensor onto the target shardings (`streaming.py`) through
 their name tables (`t5_names.py`, `vae_names.py`), after checking the whole checkpoint against the
 table. With `mesh=None` the model lands on the first local device (tests, conversion tools).
+Every path may be a URI (`gs://...`, through etils epath: unialignment_jax/paths.py); remote
+safetensors are read tensor by tensor (safetensors_io.py).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
 
+from unialignment_jax import paths
 from unialignment_jax.interop import streaming, t5_names, vae_names
 from unialignment_jax.interop.convert import CheckpointMismatch
 from unialignment_jax.interop.safetensors_io import Checkpoint, SafetensorsFile
@@ -31,7 +33,7 @@ _T5_CHECKED_FIELDS = ("d_model", "num_layers", "num_heads", "d_kv", "d_ff", "voc
 
 def _read_json(path: str) -> dict:
     try:
-        with open(path) as f:
+        with paths.open_file(path) as f:
             return json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: cannot read ({e})") from None
@@ -39,8 +41,8 @@ def _read_json(path: str) -> dict:
 
 def _check_hf_t5_config(path: str, cfg: T5Config) -> None:
     """If the checkpoint directory has a config.json, its T5 hyper-parameters must equal ours."""
-    cfg_path = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "config.json")
-    if not os.path.isfile(cfg_path):
+    cfg_path = paths.join(path if paths.is_dir(path) else paths.parent(path), "config.json")
+    if not paths.is_file(cfg_path):
         return
     hf = _read_json(cfg_path)
     if hf.get("model_type", "t5") != "t5":
@@ -60,7 +62,11 @@ def read_mask_embedding(path: str, d_model: int) -> np.ndarray:
     `safetensors.torch.save_file({'mask_token_emb': t}, path)`; pickles are never read here.)"""
     if path.endswith(".npy"):
         try:
-            x = np.load(path, allow_pickle=False)
+            if paths.is_remote(path):
+                with paths.open_file(path, "rb") as fin:
+                    x = np.load(fin, allow_pickle=False)
+            else:
+                x = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as e:
             raise ValueError(f"text_encoder.mask_embedding = {path!r}: cannot read ({e})") from None
     elif path.endswith(".safetensors"):
@@ -102,8 +108,8 @@ def load_t5(path: str, cfg: T5Config, mesh=None, rules=None, seed: int = 0) -> T
 
 
 def vae_config_from_dir(path: str, **overrides: Any) -> VAEConfig:
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_path):
+    cfg_path = paths.join(path, "config.json")
+    if not paths.is_file(cfg_path):
         raise FileNotFoundError(f"{path}: a diffusers AutoencoderKL directory needs config.json")
     try:
         return VAEConfig.from_diffusers(_read_json(cfg_path), **overrides)
@@ -114,7 +120,7 @@ def vae_config_from_dir(path: str, **overrides: Any) -> VAEConfig:
 def load_vae(path: str, mesh=None, rules=None, **overrides: Any) -> AutoencoderKL:
     """An `AutoencoderKL` from a diffusers directory (config.json drives the architecture; the
     `overrides`, e.g. dtype, scaling_factor, shift_factor, replace config values)."""
-    if not os.path.isdir(path):
+    if not paths.is_dir(path):
         raise FileNotFoundError(f"codec.weights = {path!r}: expected a diffusers AutoencoderKL directory")
     cfg = vae_config_from_dir(path, **overrides)
     ckpt = Checkpoint(path, DIFFUSERS_FILES)

@@ -6,6 +6,11 @@ data, so that (a) a slice of a tensor reads only the pages it touches (a host ne
 the slices its devices need: T5-XXL does not fit on one device), and (b) bfloat16 tensors read as
 `ml_dtypes.bfloat16` numpy arrays (the `safetensors` package's numpy backend cannot represent
 bfloat16). Nothing here unpickles anything.
+
+Paths may be URIs (`gs://...`, through etils epath; unialignment_jax/paths.py). A bucket object
+cannot be memory-mapped, so a remote file's header is read with one ranged read and each tensor,
+when asked for, with another: tensor by tensor, without a local copy of the file (the host then
+holds whole tensors rather than the slices its devices need).
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ from typing import Iterable
 
 import ml_dtypes
 import numpy as np
+from etils import epath
+
+from unialignment_jax import paths
 
 DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -39,8 +47,9 @@ class SafetensorsFile:
 
     def __init__(self, path: str):
         self.path = path
+        self._remote = paths.is_remote(path)
         try:
-            with open(path, "rb") as f:
+            with paths.open_file(path, "rb") as f:
                 raw = f.read(8)
                 if len(raw) != 8:
                     raise CheckpointFormatError(f"{path}: too short for a safetensors file")
@@ -52,7 +61,7 @@ class SafetensorsFile:
             raise CheckpointFormatError(f"{path}: cannot read a safetensors header ({e})") from None
         self.metadata = header.pop("__metadata__", {}) or {}
         self._data_start = 8 + n
-        size = os.path.getsize(path)
+        size = epath.Path(path).stat().length if self._remote else os.path.getsize(path)
         self.entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
         for key, info in header.items():
             code, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
@@ -70,6 +79,17 @@ class SafetensorsFile:
     def array(self, key: str) -> np.ndarray:
         """A read-only numpy view of the tensor (memory-mapped: nothing is read until indexed)."""
         code, shape, begin, end = self.entries[key]
+        if self._remote:  # one ranged read of this tensor's bytes (read-only, as the memory map)
+            try:
+                with paths.open_file(self.path, "rb") as f:
+                    f.seek(self._data_start + begin)
+                    raw = f.read(end - begin)
+            except OSError as e:
+                raise CheckpointFormatError(f"{self.path}: cannot read tensor {key!r} ({e})") from None
+            if len(raw) != end - begin:
+                raise CheckpointFormatError(f"{self.path}: tensor {key!r}: read {len(raw)} of {end - begin} bytes "
+                                            "(truncated file?)")
+            return np.frombuffer(raw, DTYPES[code]).reshape(shape)
         if self._map is None:
             self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
         start = self._data_start + begin
@@ -85,15 +105,15 @@ class Checkpoint:
 
     def __init__(self, path: str, file_names: Iterable[str] = ("model.safetensors",)):
         file_names = tuple(file_names)
-        if os.path.isdir(path):
-            candidates = [os.path.join(path, n + ".index.json") for n in file_names]
-            candidates += [os.path.join(path, n) for n in file_names]
-            found = [c for c in candidates if os.path.isfile(c)]
+        if paths.is_dir(path):
+            candidates = [paths.join(path, n + ".index.json") for n in file_names]
+            candidates += [paths.join(path, n) for n in file_names]
+            found = [c for c in candidates if paths.is_file(c)]
             if not found:
                 expected = ", ".join(f"{n} or {n}.index.json" for n in file_names)
                 raise FileNotFoundError(f"{path}: no safetensors checkpoint here (expected {expected})")
             path = found[0]
-        elif not os.path.isfile(path):
+        elif not paths.is_file(path):
             raise FileNotFoundError(f"{path}: no such checkpoint file or directory")
         self.path = path
         self._files: dict[str, SafetensorsFile] = {}
@@ -114,14 +134,17 @@ class Checkpoint:
 
     def _read_index(self, index_path: str) -> None:
         try:
-            with open(index_path) as f:
+            with paths.open_file(index_path) as f:
                 weight_map = json.load(f)["weight_map"]
         except (OSError, KeyError, json.JSONDecodeError) as e:
             raise CheckpointFormatError(f"{index_path}: not a safetensors index ({e!r})") from None
-        root = os.path.dirname(index_path)
+        root = paths.parent(index_path)
+        checked: dict[str, bool] = {}
         for key, name in weight_map.items():
-            shard = os.path.join(root, name)
-            if not os.path.isfile(shard):
+            shard = paths.join(root, name)
+            if shard not in checked:  # (one existence check per shard: a bucket round trip each)
+                checked[shard] = paths.is_file(shard)
+            if not checked[shard]:
                 raise FileNotFoundError(f"{index_path}: tensor {key!r} is in {name}, which does not exist")
             if key not in self._open(shard).entries:
                 raise CheckpointFormatError(f"{index_path}: tensor {key!r} is listed in {name} but that file lacks it")

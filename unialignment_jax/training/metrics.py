@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
+import tempfile
 import time
+import uuid
 from typing import Any, Mapping
 
 import jax
@@ -19,16 +22,57 @@ from etils import epath
 
 
 class MetricWriter:
-    def __init__(self, workdir: epath.Path, *, enabled: bool = True):
+    """`W/tb/` and `W/metrics.jsonl`. A remote workdir (gs://...) is staged: tensorboardX writes local
+    files only and object stores cannot append, so both are written in a local directory and
+    mirrored to the workdir (changed files re-uploaded whole) at most every `sync_secs`, on flush()
+    and on close(); a resumed run first fetches the workdir's metrics.jsonl to continue it."""
+
+    def __init__(self, workdir: epath.Path, *, enabled: bool = True, sync_secs: float = 60.0):
         self.enabled = enabled
         self._tb = None
         self._jsonl = None
+        self._remote = None  # (the workdir, the local staging directory) for a remote workdir
+        self._uploaded: dict[str, int] = {}
+        self._sync_secs, self._last_sync = sync_secs, time.monotonic()
         if enabled:
             from tensorboardX import SummaryWriter
 
-            (workdir / "tb").mkdir(parents=True, exist_ok=True)
-            self._tb = SummaryWriter(logdir=str(workdir / "tb"), flush_secs=10)
-            self._jsonl = (workdir / "metrics.jsonl").open("a")
+            from unialignment_jax import paths
+
+            workdir = epath.Path(workdir)
+            local = workdir
+            if paths.is_remote(workdir):
+                local = epath.Path(tempfile.mkdtemp(prefix="unialignment-metrics-"))
+                self._remote = (workdir, local)
+                if (workdir / "metrics.jsonl").exists():
+                    paths.copy_tree(workdir / "metrics.jsonl", local / "metrics.jsonl")
+            (local / "tb").mkdir(parents=True, exist_ok=True)
+            # A unique suffix: two writers started in the same second (a quick restart) must not
+            # share an event file name (a bucket object would be overwritten).
+            self._tb = SummaryWriter(logdir=str(local / "tb"), flush_secs=10,
+                                     filename_suffix=f".{os.getpid()}.{uuid.uuid4().hex[:8]}")
+            self._jsonl = (local / "metrics.jsonl").open("a")
+
+    def _sync(self, force: bool = False) -> None:
+        """Mirror the staged files to a remote workdir (no-op for a local one)."""
+        if self._remote is None or (not force and time.monotonic() - self._last_sync < self._sync_secs):
+            return
+        self._tb.flush()
+        self._jsonl.flush()
+        self._upload()
+
+    def _upload(self) -> None:
+        from unialignment_jax import paths
+
+        workdir, local = self._remote
+        for root, _, files in os.walk(local):  # the staging directory is local
+            for name in sorted(files):
+                f = os.path.join(root, name)
+                rel, size = os.path.relpath(f, local), os.path.getsize(f)
+                if self._uploaded.get(rel) != size:
+                    paths.copy_tree(f, workdir / rel)
+                    self._uploaded[rel] = size
+        self._last_sync = time.monotonic()
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any], **extra) -> dict:
         """Write numeric scalars (device arrays are fetched here) and extra JSON fields."""
@@ -41,6 +85,7 @@ class MetricWriter:
         record = {"step": step, **extra, **values}
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
+        self._sync()
         return values
 
     def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
@@ -62,11 +107,15 @@ class MetricWriter:
         if self.enabled:
             self._tb.flush()
             self._jsonl.flush()
+            self._sync(force=True)
 
     def close(self) -> None:
         if self.enabled:
             self._tb.close()
             self._jsonl.close()
+            if self._remote is not None:
+                self._upload()
+                self._remote[1].rmtree(missing_ok=True)
 
 
 class Progress:
