@@ -1,0 +1,122 @@
+"""`unialignment sample`: one task from a trained run (DESIGN.md's command-line contract).
+
+  unialignment sample --workdir W --task t2i --prompt "a large red circle at the center." --out a.png
+  unialignment sample --workdir W --task edit --prompt "Make the circle blue." --image src.png --out b.png
+  unialignment sample --workdir W --task compose --prompt "Place image 1 at the left, ..." \
+      --image r1.png --image r2.png --image r3.png --out c.png
+  unialignment sample --workdir W --task caption --image a.png --out a.txt
+  unialignment sample --workdir W --task vqa --prompt "What colour is the circle?" --image a.png --out q.txt
+
+Reads W/config.json and restores the latest checkpoint's parameters (`--step N` for another,
+`--ema` for the EMA weights) onto this host's devices. Images are written as PNG; texts are printed
+and written to --out. Input images are resized (short side, bicubic) and centre-cropped to the
+run's resolution, as the official pipeline does. Defaults are the official settings: 50 steps and
+guidance 7 (SD3 timestep shift 3) for images, 32 steps for texts.
+
+Exit codes: 0 done; 2 bad input (no run / config / checkpoint, wrong number of images for the
+task, an unreadable image, a missing prompt), with a message naming it; 1 a failure while sampling.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import numpy as np
+
+from unialignment_jax import tasks as tasks_lib
+from unialignment_jax.sampling.restore import RunError, open_run, read_config
+
+TEXT_TASKS = ("caption", "vqa")
+
+
+class InputError(ValueError):
+    pass
+
+
+def load_image(path: str, resolution: int) -> np.ndarray:
+    """uint8 (R, R, 3): the official ImageProcessor (RGB, short-side bicubic resize, centre crop)."""
+    from unialignment_jax.data import images as image_lib
+
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise InputError(f"--image {path}: cannot read ({e.strerror or e})") from None
+    try:
+        return image_lib.to_pixels(data, resolution)
+    except image_lib.ImageError as e:
+        raise InputError(f"--image {path}: {e}") from None
+
+
+def check_inputs(task: str, prompt: str | None, images: list[str], num_compose_refs: int) -> None:
+    """The task's prompt and image count; raises InputError."""
+    tasks_lib.check_task(task)
+    if task in TEXT_TASKS:
+        want = 1
+        if task == "vqa" and not (prompt or "").strip():
+            raise InputError("--task vqa needs the question as --prompt")
+        if task == "caption" and prompt:
+            raise InputError("--task caption takes no --prompt (ask a question with --task vqa)")
+    else:
+        want = tasks_lib.num_conditions(task, num_compose_refs)
+        if not (prompt or "").strip():
+            raise InputError(f"--task {task} needs --prompt (the {'prompt' if task == 't2i' else 'instruction'})")
+    if len(images) != want:
+        what = {0: "no --image", 1: "exactly one --image"}.get(want, f"exactly {want} --image (one per reference)")
+        raise InputError(f"--task {task} takes {what}; got {len(images)}")
+
+
+def run(args, config=None) -> int:
+    del config
+    if logging.getLogger().level > logging.DEBUG:
+        logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax logs every restore step (and read-only notes)
+    images = list(args.image or [])
+    try:
+        cfg = read_config(args.workdir)
+        check_inputs(args.task, args.prompt, images, int(cfg.input.num_compose_refs))
+        if args.steps is not None and args.steps < 1:
+            raise InputError(f"--steps {args.steps}: must be at least 1")
+        if args.cfg < 0:
+            raise InputError(f"--cfg {args.cfg}: the guidance scale must be >= 0 (<= 1: no guidance)")
+        if args.shift <= 0:
+            raise InputError(f"--shift {args.shift}: must be positive")
+        pixels = [load_image(p, int(cfg.input.resolution)) for p in images]
+        out_dir = os.path.dirname(os.path.abspath(args.out))
+        if os.path.exists(args.out) and os.path.isdir(args.out):
+            raise InputError(f"--out {args.out} is a directory; give a file path")
+        run_ = open_run(args.workdir, ema=args.ema, step=args.step)
+    except (RunError, InputError) as e:
+        print(f"unialignment sample: {e}", file=sys.stderr)
+        return 2
+
+    import jax
+
+    from unialignment_jax.sampling.image import NEGATIVE_PROMPT
+    from unialignment_jax.sampling.pipeline import Settings
+
+    negative = NEGATIVE_PROMPT if args.negative_prompt is None else args.negative_prompt
+    settings = Settings(image_steps=args.steps or 50, guidance=args.cfg, shift=args.shift,
+                        negative_prompt=negative, text_steps=args.steps or 32, seed=args.seed)
+    sampler = run_.sampler()
+    logging.info("sample: %s from %s step %d%s", args.task, args.workdir, run_.step, " (EMA)" if args.ema else "")
+    writer = jax.process_index() == 0
+    if writer:
+        os.makedirs(out_dir, exist_ok=True)
+    if args.task in TEXT_TASKS:
+        questions = [args.prompt] if args.task == "vqa" else None
+        text = sampler.describe(run_.params, args.task, np.stack(pixels), questions, settings=settings)[0]
+        print(text)
+        if writer:
+            with open(args.out, "w", encoding="utf-8") as f:
+                f.write(text + "\n")
+    else:
+        cond = np.stack(pixels)[None] if pixels else None
+        image = sampler.generate(run_.params, args.task, [args.prompt], cond, settings=settings)[0]
+        if writer:
+            from PIL import Image
+
+            Image.fromarray(image).save(args.out, format="PNG")
+            print(f"wrote {args.out}")
+    return 0

@@ -1,0 +1,113 @@
+"""In-training samples: every `config.sample_every` steps the trainer calls the hook made here.
+
+  hook = make_sample_hook(config, frozen, mesh, rules)        # once, after build_frozen
+  hook(step, state.params, writer, workdir)                     # every sample_every steps
+
+A hook call renders, from fixed inputs (the same every time, so grids compare across steps):
+  * Shapes runs (config.data.t2i == 'shapes'): `num_images` t2i prompts and `num_images` edits from
+    the Shapes *validation* split, and `num_captions` captions of validation scenes;
+  * other runs: fixed prompts (FIXED_PROMPTS) and captions of the images generated from them;
+and writes them to TensorBoard (`samples/grid` image, `samples/captions` text through the trainer's
+MetricWriter) and to `W/samples/step_<n>.png` (+ `step_<n>.txt` with the captions). The grid's rows
+(Shapes): t2i samples, t2i targets, edit sources, edit samples, edit targets; small images are
+enlarged (nearest) to at least 128 px per cell. Sampling uses the official settings (50 Euler steps,
+guidance 7, shift 3; 32 text steps) unless `settings` says otherwise. The first call compiles the
+samplers (three programs); later calls reuse them.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+
+import jax
+import numpy as np
+from etils import epath
+from PIL import Image
+
+from unialignment_jax.data import pipeline as data_pipeline
+from unialignment_jax.data import shapes
+from unialignment_jax.sampling.pipeline import Sampler, Settings
+from unialignment_jax.sampling.restore import dit_spec
+
+FIXED_PROMPTS = (
+    "A red vintage car parked on a cobblestone street at sunset.",
+    "A bowl of fresh fruit on a wooden kitchen table, soft morning light.",
+    "A snowy mountain peak above a calm blue lake.",
+    "A small orange cat sleeping on a green sofa.",
+)
+
+
+def _enlarge(img: np.ndarray, min_size: int = 128) -> np.ndarray:
+    f = max(1, -(-min_size // img.shape[0]))
+    return np.repeat(np.repeat(img, f, axis=0), f, axis=1) if f > 1 else img
+
+
+def _grid(rows: list[np.ndarray], pad: int = 2) -> np.ndarray:
+    r = rows[0].shape[1]
+    n = max(len(x) for x in rows)
+    out = np.full((len(rows) * (r + pad) + pad, n * (r + pad) + pad, 3), 64, np.uint8)
+    for i, row in enumerate(rows):
+        for j, img in enumerate(row):
+            out[pad + i * (r + pad):pad + i * (r + pad) + r, pad + j * (r + pad):pad + j * (r + pad) + r] = img
+    return out
+
+
+def make_sample_hook(config, frozen, mesh, rules, *, num_images: int = 8, num_captions: int = 4,
+                     settings: Settings | None = None):
+    """hook(step, params, writer, workdir) -> None; `params` is the DiT's pure parameter dict
+    (the train state's `params` or `ema`). Only process 0 writes; every process must call it."""
+    settings = settings or Settings()
+    graphdef, _ = dit_spec(config, mesh, rules)
+    sampler = Sampler(config, mesh, rules, frozen, graphdef, batch_size=max(num_images, num_captions))
+    res = sampler.resolution
+    d = data_pipeline.data_config(config)
+    use_shapes = d["t2i"] == "shapes"
+    seed, k = int(d["shapes_seed"]), int(config.input.num_compose_refs)
+    if use_shapes:
+        t2i = [shapes.make_example("t2i", "validation", i, seed, k) for i in range(num_images)]
+        edits = [shapes.make_example("edit", "validation", i, seed, k) for i in range(num_images)]
+        caps = [shapes.make_example("caption", "validation", i, seed, k) for i in range(num_captions)]
+        prompts = [e.caption for e in t2i]
+        edit_prompts = [e.instruction for e in edits]
+        edit_sources = np.stack([shapes.render(e.conds[0], res) for e in edits])[:, None]
+        cap_images = np.stack([shapes.render(e.target, res) for e in caps])
+        cap_refs = [e.caption for e in caps]
+    else:
+        prompts = list(FIXED_PROMPTS[:num_images])
+
+    def hook(step: int, params, writer, workdir) -> None:
+        t0 = time.perf_counter()
+        samples = sampler.generate(params, "t2i", prompts, settings=settings)
+        lines = []
+        if use_shapes:
+            edited = sampler.generate(params, "edit", edit_prompts, edit_sources, settings=settings)
+            captions = sampler.describe(params, "caption", cap_images, settings=settings)
+            rows = [samples, np.stack([shapes.render(e.target, res) for e in t2i]), edit_sources[:, 0], edited,
+                    np.stack([shapes.render(e.target, res) for e in edits])]
+            lines += [f"t2i {i}: {p}" for i, p in enumerate(prompts)]
+            lines += [f"edit {i}: {p}" for i, p in enumerate(edit_prompts)]
+            lines += [f"caption {i}: {c}  (reference: {r})" for i, (c, r) in enumerate(zip(captions, cap_refs))]
+        else:
+            n = min(num_captions, len(samples))
+            captions = sampler.describe(params, "caption", samples[:n], settings=settings)
+            rows = [samples]
+            lines += [f"t2i {i}: {p}" for i, p in enumerate(prompts)]
+            lines += [f"caption of t2i {i}: {c}" for i, c in enumerate(captions)]
+        grid = _grid([np.stack([_enlarge(x) for x in row]) for row in rows])
+        if jax.process_index() == 0:
+            writer.write_images(step, {"samples/grid": grid})
+            writer.write_texts(step, {"samples/captions": "\n\n".join(lines)})
+            folder = epath.Path(workdir) / "samples"  # epath: a gs:// workdir works too
+            folder.mkdir(parents=True, exist_ok=True)
+            png = io.BytesIO()
+            Image.fromarray(grid).save(png, format="PNG")
+            (folder / f"step_{step}.png").write_bytes(png.getvalue())
+            (folder / f"step_{step}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        logging.info("samples at step %d in %.1f s", step, time.perf_counter() - t0)
+
+    return hook
+
+
+__all__ = ["make_sample_hook", "FIXED_PROMPTS"]
