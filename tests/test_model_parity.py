@@ -83,3 +83,55 @@ def test_matches_with_qk_norm_and_exact_timesteps():
     ours, theirs = run_both(cfg, model, ref, "edit", seed=1)
     for k in theirs:
         np.testing.assert_allclose(ours[k], theirs[k], rtol=1e-5, atol=1e-5, err_msg=k)
+
+
+
+def assert_table_close(got, want, what):
+    assert got.shape == want.shape, (what, got.shape, want.shape)
+    err = float(np.abs(got.astype(np.float64) - want).max())  # (allclose is slow on the 2B table)
+    assert err <= 1e-6, f"{what}: max abs difference {err}"
+
+
+@pytest.mark.parametrize("cfg, crops", [
+    (CFG, [(3, 4), (6, 6), (5, 12), (12, 12), (1, 1)]),
+    (DiTConfig(), [(64, 64), (32, 48), (96, 96), (192, 192), (17, 5)]),  # 2B: 192 max size, width 1536
+])
+def test_position_table_equals_diffusers_buffer(cfg, crops):
+    """Our fixed sin-cos table against diffusers' own `pos_embed.pos_embed` buffer, built the way
+    SD3Transformer2DModel builds its PatchEmbed (height = width = sample_size, pos_embed_max_size),
+    and its centre crop (`cropped_pos_embed`) for smaller and non-square token grids. (The model
+    parity tests above copy our table into the reference, so they cannot catch a wrong table.)"""
+    from diffusers.models.embeddings import PatchEmbed, get_2d_sincos_pos_embed
+
+    from unialignment_jax.models import embeddings
+
+    d, m, p = cfg.width, cfg.pos_embed_max_size, cfg.patch_size
+    ref = PatchEmbed(height=cfg.sample_size, width=cfg.sample_size, patch_size=p, in_channels=cfg.in_channels,
+                     embed_dim=d, pos_embed_max_size=m)
+    buffer = ref.pos_embed.numpy()
+    assert buffer.shape == (1, m * m, d)
+    ours = embeddings.sincos_table(d, m, cfg.sample_size // p)
+    assert ours.dtype == np.float32
+    assert_table_close(ours, buffer[0], "table")
+    if m * d < 10_000:  # the function itself too (base size = the default grid, sample_size / patch)
+        direct = get_2d_sincos_pos_embed(d, m, base_size=cfg.sample_size // p, output_type="pt").numpy()
+        assert_table_close(ours, direct, "get_2d_sincos_pos_embed")
+    for h, w in crops:
+        want = ref.cropped_pos_embed(h * p, w * p).numpy()[0]  # takes latent sizes
+        assert_table_close(embeddings.cropped_pos_embed(d, m, cfg.sample_size // p, h, w), want, f"{h}x{w} crop")
+
+
+def test_tiny_reference_model_builds_the_same_buffer():
+    """The reference class itself (an SD3Transformer2DModel) before any weights are copied in, and
+    the table our model adds in `embed_image` (zero patch projection, zero latents)."""
+    from unialignment_jax.models import embeddings
+
+    ref = reference_from_config(CFG)
+    buffer = ref.pos_embed.pos_embed.detach().numpy()[0]
+    assert_table_close(embeddings.sincos_table(CFG.width, CFG.pos_embed_max_size, CFG.sample_size // CFG.patch_size),
+                       buffer, "table")
+    with nnx.use_eager_sharding(False):
+        graphdef, abstract = nnx.split(nnx.eval_shape(lambda: UniAlignmentDiT(CFG, rngs=nnx.Rngs(0))))
+    model = nnx.merge(graphdef, jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), abstract))
+    tokens = np.asarray(model.embed_image(jnp.zeros((1, 6, 8, CFG.in_channels))))[0]
+    assert_table_close(tokens, ref.pos_embed.cropped_pos_embed(6, 8).numpy()[0], "embed_image")

@@ -6,7 +6,9 @@ use; normalisations and softmax statistics are computed in float32 whatever the 
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 from typing import Sequence
 
 import jax
@@ -14,6 +16,31 @@ import jax.numpy as jnp
 from flax import nnx
 
 Shape = int | Sequence[int]
+
+CPU_SCAN_ENV = "UNIALIGNMENT_CPU_SCAN"
+
+
+def use_layer_scan(requested: bool) -> bool:
+    """Whether stacked layers run under `lax.scan` (else an unrolled loop; same parameters, same
+    results), decided at trace time.
+
+    On simulated CPU devices (the CPU backend with more than one device) the layer scan is unrolled:
+    XLA:CPU then runs the FSDP all-gathers inside the while loop's body concurrently with
+    collectives outside it, in an order that differs between devices, and its in-process
+    collectives deadlock. Measured on 2 cores: tests/test_train_step.py hung in 7 of 7 runs with the
+    scan and passed 5 of 5 unrolled. Compile-only tools (`inspect`, the memory plan) execute nothing
+    and set UNIALIGNMENT_CPU_SCAN=1 to keep the scan; so can anyone who wants it anyway.
+    """
+    if not requested:
+        return False
+    if jax.default_backend() == "cpu" and jax.device_count() > 1 and os.environ.get(CPU_SCAN_ENV) != "1":
+        if not getattr(use_layer_scan, "_warned", False):
+            use_layer_scan._warned = True
+            logging.getLogger(__name__).info(
+                "simulated CPU devices: layer scans unrolled (XLA:CPU collective deadlock; %s=1 keeps them)",
+                CPU_SCAN_ENV)
+        return False
+    return True
 
 
 def _tuple(x: Shape) -> tuple[int, ...]:

@@ -28,7 +28,7 @@ from flax import nnx
 
 from unialignment_jax.models import attention as attention_lib
 from unialignment_jax.models import embeddings
-from unialignment_jax.models.layers import Dense, RMSNorm, gelu_tanh, layer_norm, modulate
+from unialignment_jax.models.layers import Dense, RMSNorm, gelu_tanh, layer_norm, modulate, use_layer_scan
 from unialignment_jax.parallel.rules import constrain
 
 REMAT_POLICIES = {
@@ -228,9 +228,10 @@ class UniAlignmentDiT(nnx.Module):
             return (img, txt), pooled
 
         policy = REMAT_POLICIES[cfg.remat]
+        scan = use_layer_scan(cfg.scan_layers)
         if cfg.remat != "none":
-            body = jax.checkpoint(body, policy=policy, prevent_cse=not cfg.scan_layers)
-        if cfg.scan_layers:
+            body = jax.checkpoint(body, policy=policy, prevent_cse=not scan)
+        if scan:
             (img, txt), pooled = jax.lax.scan(body, (img, txt), stacked)
             tapped = jax.tree.map(lambda x: x[cfg.block_depth - 1], pooled) if tap else None
         else:

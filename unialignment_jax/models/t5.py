@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from unialignment_jax.models.layers import Dense, RMSNorm, gelu_tanh
+from unialignment_jax.models.layers import Dense, RMSNorm, gelu_tanh, use_layer_scan
 from unialignment_jax.parallel.rules import constrain
 
 REMAT_POLICIES = {
@@ -224,9 +224,10 @@ class T5Encoder(nnx.Module):
         def body(x, layer_state):
             return nnx.merge(graphdef, layer_state)(x, bias, mask), None
 
+        scan = use_layer_scan(cfg.scan_layers)
         if cfg.remat != "none":
-            body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
-        if cfg.scan_layers:
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not scan)
+        if scan:
             x, _ = jax.lax.scan(body, x, stacked)
         else:
             for i in range(cfg.num_layers):
