@@ -1,8 +1,13 @@
 """The medium CPU benchmark config (STACK.md / issue 9 targets): width 384 (6 heads x 64), 8 joint
 blocks, 256 image tokens (32 x 32 latents, patch 2) + 64 text tokens, batch 8, float32, one device.
 
-Run:
-  unialignment bench --config experiments/bench_medium.py --compile_compare
+The frozen text encoder is a stand-in (one T5 layer of width 4096 = model.context_dim, float32):
+T5-XXL does not fit a CPU benchmark, and the DiT's step is what is measured. The tokenizer file is
+not needed: `bench` feeds random token ids in the T5 layout (vocabulary 32100, mask 32099).
+
+Run (one plain CPU device, the CPU flag preset of launch/local.sh):
+  UNIALIGNMENT_CPU_DEVICES=0 bash launch/local.sh bench --config experiments/bench_medium.py --compile_compare
+  python benchmarks/torch_reference_step.py      # the same model and objective in PyTorch, ratio
 """
 
 from unialignment_jax.config import base_config
@@ -16,4 +21,6 @@ def get_config(arg=None):
     c.batch_size = 8
     c.mesh.update(dict(data=1, fsdp=-1, tensor=1))
     c.sharding.rules = "dp"
+    c.text_encoder.update(dict(preset="custom", d_model=4096, num_layers=1, num_heads=1, d_kv=64, d_ff=64,
+                               dtype="float32", param_dtype="float32"))
     return c

@@ -9,6 +9,8 @@ backward pass, gathered FSDP weights, collective buffers), and generated code.
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
 
 import numpy as np
@@ -63,7 +65,44 @@ def memory_report(compiled) -> dict[str, int]:
     return report
 
 
+def parse_mesh(text: str) -> dict[str, int]:
+    """`--mesh DATA,FSDP,TENSOR` (one may be -1) -> {'data': .., 'fsdp': .., 'tensor': ..}."""
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        sizes = [int(p) for p in parts]
+    except ValueError:
+        sizes = []
+    if len(sizes) != len(mesh_lib.MESH_AXES) or any(v == 0 or v < -1 for v in sizes) or sizes.count(-1) > 1:
+        raise ValueError(f"--mesh {text!r}: give DATA,FSDP,TENSOR as positive integers, at most one -1 "
+                         "(e.g. 1,-1,1 or 2,32,1)")
+    return dict(zip(mesh_lib.MESH_AXES, sizes))
+
+
 def run(args, config) -> int:
+    import jax
+
+    from unialignment_jax.models.layers import CPU_SCAN_ENV
+
+    # inspect compiles and never executes, so simulated CPU devices keep the layer scans
+    # (models/layers.use_layer_scan): the plan is the one an accelerator would compile.
+    os.environ[CPU_SCAN_ENV] = "1"
+    if getattr(args, "mesh", ""):
+        try:
+            config.mesh.update(parse_mesh(args.mesh))
+        except ValueError as e:
+            print(f"unialignment inspect: {e}", file=sys.stderr)
+            return 2
+    try:
+        ici, dcn = mesh_lib.mesh_shape(config.mesh, jax.device_count())
+    except mesh_lib.MeshConfigError as e:
+        print(f"unialignment inspect: config.{e} (devices: {jax.device_count()}; simulate more with "
+              "--cpu_devices N)", file=sys.stderr)
+        return 2
+    shards = ici["data"] * dcn["data"] * ici["fsdp"] * dcn["fsdp"]
+    if args.compile and (args.batch or config.batch_size) % shards:
+        print(f"unialignment inspect: global batch {args.batch or config.batch_size} is not divisible by the "
+              f"data-parallel size data x fsdp = {shards} (give --batch)", file=sys.stderr)
+        return 2
     cfg = DiTConfig.from_config(config.model)
     mesh = mesh_lib.make_mesh(config.mesh)
     rules = rules_lib.get_rules(config.sharding.rules)
@@ -79,6 +118,7 @@ def run(args, config) -> int:
         "global_batch": batch,
         "mesh": dict(mesh.shape),
         "sharding_rules": config.sharding.rules,
+        "remat": config.model.remat,
     }
     if args.compile:
         tasks_lib.check_task(args.task, "--task")
@@ -86,9 +126,14 @@ def run(args, config) -> int:
         # --batch alone compiles one micro-batch of that size (no accumulation).
         accum = args.accum or (1 if args.batch else None)
         compiled = compile_train_step(config, args.task, batch, accum, mesh, rules, args.latents)
+        if accum is None:
+            from unialignment_jax.training import schedule as schedule_lib
+
+            accum = schedule_lib.from_config(config).stages[0].accum_steps
         result["compiled_accum_steps"] = accum
         result["compile_seconds"] = round(time.perf_counter() - start, 2)
         result["compiled_task"] = args.task
+        result["per_device_micro_batch"] = batch / accum / shards
         result["memory_per_device_bytes"] = memory_report(compiled)
     if args.json:
         print(json.dumps(result))
