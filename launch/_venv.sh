@@ -1,3 +1,4 @@
+# shellcheck shell=bash disable=SC2034  # sourced: VENV is used by the caller
 # Sourced by the launch and test scripts: make sure ./.venv has this checkout installed with the
 # given extras, re-installing only when setup.py changed since the last install.
 # Usage: ensure_venv EXTRAS   (e.g. ensure_venv "" or ensure_venv "[test]")
@@ -8,7 +9,7 @@ ensure_venv() {
   local venv="${UNIALIGNMENT_VENV:-$root/.venv}"
   local stamp="$venv/.installed${extras}"
   if [ ! -x "$venv/bin/python" ]; then
-    python3 -m venv "$venv"
+    "${UNIALIGNMENT_PYTHON:-python3}" -m venv "$venv"
     "$venv/bin/pip" install --quiet --upgrade pip
   fi
   if [ ! -f "$stamp" ] || [ "$root/setup.py" -nt "$stamp" ]; then
