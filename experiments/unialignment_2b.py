@@ -7,7 +7,8 @@ alignment tap at block 8, adapters 1536 -> 2048 -> 3584 (Qwen2.5-VL-7B features)
 
 Recipe (the paper's stage table was not available; the split and stages 2-3 are our choice):
   generation  40k steps  t2i (+ captioning through the text pass, both alignments)
-  editing     30k steps  + edit and perception, alternating whole steps as the official loader
+  editing     30k steps  + edit and perception, alternating whole steps as the official loader does
+                         (even steps t2i, odd steps edit / perception: tasks t2i,edit,t2i,perception)
   unified     10k steps  + composition, captioning and VQA
 Every stage uses the official `config_unify.py` optimisation: AdamW lr 3e-5, wd 0.01, 2000 linear
 warm-up steps then constant, clip 2.0 (global norm), global batch 384 at 512 px.
@@ -43,7 +44,7 @@ def get_config(arg=None):
     official = dict(lr=3e-5, warmup_steps=2000, lr_schedule="constant", accum_steps=12)
     c.stages = new_stages()
     c.stages.generation = stage(steps=40_000, tasks="t2i", **official)
-    c.stages.editing = stage(steps=30_000, tasks="t2i,edit,perception", **official)
+    c.stages.editing = stage(steps=30_000, tasks="t2i,edit,t2i,perception", **official)
     c.stages.unified = stage(steps=10_000, tasks="t2i,edit,perception,compose,caption,vqa", **official)
     c.checkpoint_every = 5000
     c.keep_checkpoint_every = 20_000

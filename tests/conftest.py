@@ -14,6 +14,10 @@ if ROOT not in sys.path:
 from unialignment_jax.cli import simulated_device_env  # noqa: E402  (imports no jax)
 
 os.environ.update(simulated_device_env(8))
+# One XLA compilation cache for the session, shared with the CLI subprocesses the tests start:
+# repeated compiles of the same tiny train step (resume tests) are then read back, not redone.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    __import__("tempfile").gettempdir(), "unialignment_jax_test_xla_cache"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach the network
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -182,8 +182,8 @@ def test_import_of_export_is_bit_exact(run_dir, tmp_path, fmt, ema):
     assert_params_bit_equal(original, again)
 
 
-def test_failed_export_writes_nothing(run_dir, tmp_path, monkeypatch):
-    out = tmp_path / "half"
+def break_export_half_way(monkeypatch):
+    """Make the 21st tensor of an export fail ("disk full")."""
     real = convert.iter_official
 
     def breaks_half_way(params, cfg):
@@ -193,6 +193,11 @@ def test_failed_export_writes_nothing(run_dir, tmp_path, monkeypatch):
             yield item
 
     monkeypatch.setattr(convert, "iter_official", breaks_half_way)
+
+
+def test_failed_export_writes_nothing(run_dir, tmp_path, monkeypatch):
+    out = tmp_path / "half"
+    break_export_half_way(monkeypatch)
     with pytest.raises(RuntimeError, match="disk full"):
         export.export_run(str(run_dir["workdir"]), str(out))
     assert os.listdir(tmp_path) == []  # neither --out nor the temporary folder

@@ -214,9 +214,9 @@ def test_export_to_and_import_from_a_bucket(bucket, request, tmp_path, monkeypat
     leaves nothing at --out; a non-empty bucket --out is refused."""
     if run_dir is None:
         pytest.skip("torch / diffusers are not installed (tests/test_export.py)")
-    from tests.test_export import SPEC, assert_params_bit_equal, export_cli, restored
+    from tests.test_export import SPEC, assert_params_bit_equal, break_export_half_way, export_cli, restored
     from unialignment_jax import cli
-    from unialignment_jax.interop import convert, export
+    from unialignment_jax.interop import export
 
     run = request.getfixturevalue("run_dir")
     out = f"{bucket}/exports/tiny"
@@ -244,15 +244,7 @@ def test_export_to_and_import_from_a_bucket(bucket, request, tmp_path, monkeypat
 
     # Fails while writing: nothing is uploaded.
     half = f"{bucket}/exports/half"
-    real = convert.iter_official
-
-    def breaks_half_way(params, cfg):
-        for n, item in enumerate(real(params, cfg)):
-            if n == 20:
-                raise RuntimeError("disk full")
-            yield item
-
-    monkeypatch.setattr(convert, "iter_official", breaks_half_way)
+    break_export_half_way(monkeypatch)
     with pytest.raises(RuntimeError, match="disk full"):
         export.export_run(str(run["workdir"]), half)
     assert not _in_bucket(half) and not epath.Path(half).exists()

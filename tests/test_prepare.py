@@ -6,12 +6,15 @@ import io
 import json
 import os
 import struct
+import subprocess
+import sys
 import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from unialignment_jax import cli
 from unialignment_jax.config import base_config
 from unialignment_jax.data import images as image_lib
 from unialignment_jax.data import pipeline as P
@@ -36,7 +39,9 @@ def small_config(resolution=32, text_length=128):
 
 
 def run_prepare(argv, config=None, capsys=None):
-    args = __import__("unialignment_jax.data.prepare_args", fromlist=["x"]).build_parser().parse_args(argv)
+    """In-process, with the CLI's own parser for `unialignment prepare` (the config given as an object)."""
+    args, rest = cli.build_parser().parse_known_args(["prepare", *argv])
+    assert not rest, rest
     rc = prepare.run(args, config)
     out = capsys.readouterr() if capsys else None
     return rc, out
@@ -368,3 +373,84 @@ def test_array_record_compression_option(tmp_path):
     with pytest.raises(ValueError, match="compression"):
         with array_record_compression("lz4"):
             pass
+
+
+def test_cli_prepare_with_config_latents_and_strict(tmp_path, repo_root):
+    """The real command line: `unialignment prepare --config experiments/demo.py --latents` (the config
+    selects the codec and resolution), a bad row reported by line, and --strict's exit code."""
+    manifest = S.write_official("edit", "train", 4, str(tmp_path / "src"), resolution=32)
+    with open(manifest, "a") as f:
+        f.write(json.dumps({"image": ["nope.png", "nope2.png"], "instruction": "x",
+                            "conversations": [{"value": "y"}]}) + "\n")
+    base = [sys.executable, "-m", "unialignment_jax", "prepare", "--manifest", manifest, "--task", "edit"]
+    out = tmp_path / "lat"
+    r = subprocess.run(base + ["--config", f"{repo_root}/experiments/demo.py", "--latents", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "rows written: 4" in r.stdout and ":5: missing image" in r.stdout, r.stdout
+    builder, spec = open_prepared(str(out))
+    assert spec.storage == "latents" and spec.latent_shape == (8, 8, 48) and len(builder.as_data_source("train")) == 4
+    strict = tmp_path / "strict"
+    r = subprocess.run(base + ["--out", str(strict), "--strict"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and ":5: missing image" in r.stderr and not strict.exists()
+    r = subprocess.run(base + ["--out", str(tmp_path / "x"), "--config.batch_size=4"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2 and "unrecognized arguments" in r.stderr  # overrides need --config
+
+
+def test_latents_through_the_flax_vae(tmp_path, capsys):
+    """`prepare --latents` with codec.kind = 'vae' and no weights file (a tiny random SD3-style VAE
+    built from config.codec): the stored latents are the Flax VAE's posterior mean, shifted and
+    scaled, float16-rounded, of the decoded and resized manifest images (target and condition)."""
+    encoders = pytest.importorskip("unialignment_jax.models.encoders")
+    import jax.numpy as jnp
+
+    config = small_config(resolution=32)
+    config.input.latent_downsample = 2  # two levels: one stride-2 conv
+    cd = config.codec
+    cd.kind, cd.weights = "vae", ""
+    cd.block_out_channels, cd.layers_per_block, cd.norm_num_groups, cd.latent_channels = (8, 16), 1, 4, 4
+    config.model.in_channels = config.model.out_channels = 4
+    # Sources at 40 px: prepare resizes them to input.resolution (32) before encoding.
+    manifest = S.write_official("edit", "train", 4, str(tmp_path / "src"), resolution=40)
+    out = str(tmp_path / "vae_lat")
+    rc, cap = run_prepare(["--manifest", manifest, "--out", out, "--task", "edit", "--latents"], config, capsys)
+    assert rc == 0, cap.err
+    assert "rows written: 4" in cap.out
+    builder, spec = open_prepared(out)
+    assert spec.storage == "latents" and spec.resolution == 32 and spec.latent_dtype == "float16"
+    assert spec.latent_shape == (16, 16, 4)  # 32 / 2, latent_channels
+    assert spec.codec["kind"] == "vae" and list(spec.codec["block_out_channels"]) == [8, 16]
+    src = builder.as_data_source("train")
+    assert len(src) == 4
+
+    vae = encoders.build_codec(config)  # the same random init (config.seed)
+    assert vae.downsample == 2 and vae.latent_channels == 4
+    rows = [json.loads(line) for line in open(manifest)]
+    root = os.path.dirname(manifest)
+
+    def pixels(rel):
+        img = Image.open(os.path.join(root, rel)).convert("RGB")
+        assert img.size == (40, 40)
+        return image_lib.normalize(np.asarray(image_lib.resize_center_crop(img, 32)))
+
+    lines = set()
+    for i in range(len(src)):
+        rec = src[i]
+        line = int(text(rec["key"]).split(":")[1])
+        lines.add(line)
+        cond_path, target_path = rows[line - 1]["image"]
+        x = jnp.asarray(np.stack([pixels(target_path), pixels(cond_path)]))
+        mean, _ = vae.moments(x)
+        want = (np.asarray(mean) - cd.shift_factor) * cd.scaling_factor  # as prepare documents
+        np.testing.assert_allclose(np.asarray(vae.encode(x, rng=None)), want, rtol=1e-5, atol=1e-6)
+        want16 = want.astype(np.float16).astype(np.float32)
+        assert np.abs(want).mean() > 0.05 and want.std() > 0.05  # not a degenerate (constant) encoder
+        assert np.abs(want[0] - want[1]).mean() > 0.01  # target and condition differ: a swap would show
+        assert rec["target_latents"].dtype == np.float16 and rec["target_latents"].shape == (16, 16, 4)
+        assert rec["cond_latents"].dtype == np.float16 and rec["cond_latents"].shape == (1, 16, 16, 4)
+        # float16 storage: equal up to one float16 rounding step (jitted batch vs this call).
+        np.testing.assert_allclose(rec["target_latents"].astype(np.float32), want16[0], rtol=2e-3, atol=1e-3)
+        np.testing.assert_allclose(rec["cond_latents"][0].astype(np.float32), want16[1], rtol=2e-3, atol=1e-3)
+        assert np.mean(rec["target_latents"].astype(np.float32) == want16[0]) > 0.95
+    assert lines == {1, 2, 3, 4}

@@ -74,7 +74,7 @@ def base_config() -> ConfigDict:
         mask_token_id=32099,  # the tokenizer's <extra_id_0> (byte tokenizer: 259); -1 = no mask row
         weights="",  # HF T5EncoderModel safetensors: a file, or a directory with an index json
         mask_embedding="",  # .npy / .safetensors file with the aligned <extra_id_0> row (official: from DD)
-        train_mask_embedding=False,
+        train_mask_embedding=False,  # must stay False: the trainer keeps the whole T5 frozen (see validate)
         use_attention_mask=False,  # official: no mask, EOS padding
         scan_layers=True,
         remat="none",  # none | full | dots | dots_no_batch (matters only when the mask row is trained)
@@ -153,6 +153,8 @@ def base_config() -> ConfigDict:
     c.max_nonfinite_steps = 10  # consecutive skipped (non-finite) updates before the run stops
     c.sample_every = 0  # steps between sample grids (0: never)
     c.progress = "auto"  # progress line on a terminal: auto | on | off
+    # XLA's persistent compilation cache (restarts after preemption skip recompiling); '' disables.
+    c.compilation_cache_dir = "~/.cache/unialignment_jax/xla"
     return c
 
 
@@ -354,8 +356,11 @@ def _validate_encoders(config: ConfigDict) -> None:
     _check(te.layer_norm_epsilon > 0, "text_encoder.layer_norm_epsilon", te.layer_norm_epsilon, "must be positive")
     _check(isinstance(te.mask_token_id, int) and -1 <= te.mask_token_id < resolved.vocab_size,
            "text_encoder.mask_token_id", te.mask_token_id, f"must be -1 or an id below vocab_size {resolved.vocab_size}")
-    _check(not te.train_mask_embedding or te.mask_token_id >= 0, "text_encoder.train_mask_embedding",
-           te.train_mask_embedding, "needs a mask row (text_encoder.mask_token_id >= 0)")
+    # The T5 module can train its mask row alone (models/t5.trainable_filter), but the train state
+    # holds only the DiT: refuse the flag rather than ignore it.
+    _check(not te.train_mask_embedding, "text_encoder.train_mask_embedding", te.train_mask_embedding,
+           "is not supported by the trainer: T5 stays frozen as in the official recipe, mask row "
+           "included (set it with text_encoder.mask_embedding)")
     _check(not te.mask_embedding or te.mask_token_id >= 0, "text_encoder.mask_embedding", te.mask_embedding,
            "needs a mask row (text_encoder.mask_token_id >= 0)")
     _check(te.remat in t5.REMAT_POLICIES, "text_encoder.remat", te.remat, f"choose one of {sorted(t5.REMAT_POLICIES)}")
@@ -388,6 +393,12 @@ def check_mesh_fits(config: ConfigDict, n_devices: int) -> dict[str, int]:
     batch_shards = sizes["data"] * sizes["fsdp"]
     _check(config.batch_size % batch_shards == 0, "batch_size", config.batch_size,
            f"must be divisible by the data-parallel size data * fsdp = {batch_shards}")
+    for name in stage_names(config):
+        st = config.stages[name]
+        batch = st.batch_size or config.batch_size
+        _check(batch % (batch_shards * st.accum_steps) == 0, f"stages.{name}.accum_steps", st.accum_steps,
+               f"each micro-batch (batch {batch} / accum_steps) must split evenly over the "
+               f"data-parallel size data * fsdp = {batch_shards}")
     return sizes
 
 

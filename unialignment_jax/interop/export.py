@@ -92,29 +92,20 @@ def official_config(cfg) -> dict:
     """The official class's constructor arguments (what `save_pretrained` would write), plus the
     sizes it hard-codes, which our PyTorch reference and `unialignment import` read (the official
     class takes **kwargs and ignores them)."""
+    # SD3's constructor arguments (the official class subclasses it); its pooled projection is
+    # removed, so pooled_projection_dim is unused there (SD3-medium's value).
+    sd3 = sd3_names.diffusers_config(cfg, version=OFFICIAL_DIFFUSERS_VERSION)
+    del sd3["dual_attention_layers"]
     return {
+        **sd3,
         "_class_name": OFFICIAL_CLASS,
-        "_diffusers_version": OFFICIAL_DIFFUSERS_VERSION,
         "vocab_size": cfg.vocab_size,
-        "sample_size": cfg.sample_size,
-        "patch_size": cfg.patch_size,
-        "in_channels": cfg.in_channels,
-        "num_layers": cfg.num_layers,
-        "attention_head_dim": cfg.head_dim,
-        "num_attention_heads": cfg.num_heads,
-        "joint_attention_dim": cfg.context_dim,
-        "caption_projection_dim": cfg.width,
-        # Unused by the official class (its pooled projection is removed); SD3-medium's value.
-        "pooled_projection_dim": sd3_names.SD3_MEDIUM_POOLED_DIM,
-        "out_channels": cfg.out_channels,
-        "pos_embed_max_size": cfg.pos_embed_max_size,
         "timestep_dim": cfg.timestep_dim,
         "timestep_fp16_round": cfg.timestep_fp16_round,
         "num_null_tokens": cfg.num_null_tokens,
         "adapter_hidden": cfg.adapter_hidden,
         "adapter_out": cfg.adapter_out,
         "block_depth": cfg.block_depth,
-        "qk_norm": "rms_norm" if cfg.qk_norm else None,
     }
 
 

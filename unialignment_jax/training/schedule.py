@@ -49,7 +49,10 @@ class Stage:
 
     def lr_at(self, step_in_stage: int) -> float:
         """Learning rate at a step of this stage: linear warm-up, then constant or cosine decay.
-        Computed on the host and passed to the step as an argument (one executable per shape)."""
+        Computed on the host and passed to the step as an argument (one executable per shape).
+        Warm-up gives lr * (k + 1) / warmup_steps at stage step k, a deliberate difference from the
+        official schedule (diffusers' get_constant_schedule_with_warmup: k / warmup_steps), whose
+        first step has learning rate 0 and so is a wasted step."""
         s = float(step_in_stage)
         warm = min(1.0, (s + 1.0) / self.warmup_steps) if self.warmup_steps else 1.0
         if self.lr_schedule == "constant":
@@ -82,7 +85,9 @@ class Schedule:
         if stage.task_probs is None:
             return stage.tasks[k % len(stage.tasks)]
         draw = np.random.default_rng([self.seed, 7919, step]).random()
-        return stage.tasks[int(np.searchsorted(np.cumsum(stage.task_probs), draw, side="right"))]
+        # min(): the cumulative sum can end a rounding error below 1.0, under the largest draws
+        index = int(np.searchsorted(np.cumsum(stage.task_probs), draw, side="right"))
+        return stage.tasks[min(index, len(stage.tasks) - 1)]
 
 
 def _parse_list(value: str, key: str) -> tuple[str, ...]:

@@ -112,9 +112,12 @@ def build_train_step(statics: StepStatics, stage: Stage, task: str, trainable) -
             grads = jax.tree.map(lambda g: g * accum, grads)  # official: un-normalised micro-batch sum
 
         grads = jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, trainable)
-        grad_norm = optax.global_norm(grads)
-        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = statics.tx.update(grads, state.opt_state, state.params)
+        # Skip the update when the loss, the gradient or the applied update is not finite (an
+        # update whose norm overflows float32 would leave parameters that are).
+        update_norm = lr * optax.tree.norm(updates)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
         new_params = jax.tree.map(lambda p, u, t: p - lr * u.astype(p.dtype) if t else p,
                                   state.params, updates, trainable)
 
@@ -132,7 +135,8 @@ def build_train_step(statics: StepStatics, stage: Stage, task: str, trainable) -
             rng=state.rng,
             nonfinite=jnp.where(finite, 0, state.nonfinite + 1).astype(jnp.int32),
         )
-        metrics = dict(metrics, grad_norm=grad_norm, lr=jnp.float32(lr), finite=finite.astype(jnp.float32),
+        metrics = dict(metrics, grad_norm=grad_norm, update_norm=update_norm, lr=jnp.float32(lr),
+                       finite=finite.astype(jnp.float32),
                        nonfinite_run=new_state.nonfinite.astype(jnp.float32))
         return new_state, metrics
 

@@ -6,7 +6,8 @@
   4. data iterators per (stage, task), restored to their saved positions
   5. one compiled step per (stage, task), built on first use (AOT: lower + compile)
   6. the loop: pick stage and task from the step, run, log the previous step's metrics,
-     checkpoint, sample, stop on SIGTERM (save, exit 0) or on too many non-finite steps
+     checkpoint, sample (every config.sample_every steps, from the EMA weights when kept),
+     stop on SIGTERM (save, exit 0) or on too many non-finite steps
 
 Run: unialignment train --config experiments/demo.py --workdir runs/demo --cpu_devices 8
 """
@@ -16,18 +17,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import signal
 import sys
 import time
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from etils import epath
 
 from unialignment_jax import config as config_lib
 from unialignment_jax.models import create
 from unialignment_jax.parallel import mesh as mesh_lib
 from unialignment_jax.parallel import rules as rules_lib
+from unialignment_jax.sampling import hook as sample_hook_lib
 from unialignment_jax.training import aot
 from unialignment_jax.training import checkpoint as checkpoint_lib
 from unialignment_jax.training import encoders as encoders_lib
@@ -44,11 +48,29 @@ class TrainingError(RuntimeError):
 
 
 def run(args, config) -> int:
-    workdir = epath.Path(args.workdir)
     if logging.getLogger().level > logging.DEBUG:
         logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save step by step
-    # -- 1. checks that need the devices, before anything is written ---------------------------
     mesh_lib.initialize_distributed(config.distributed)
+    # Preemption. One process: a SIGTERM handler, installed before the (long) start-up so that a
+    # signal then also ends in a save and exit 0. Several processes: every host must stop after the
+    # same step, so jax.distributed's preemption sync manager (which receives the SIGTERM itself)
+    # decides, through `reached_preemption_sync_point`; a Python handler would replace its own.
+    stop = {"signal": None}
+    multi_process = jax.process_count() > 1
+    previous_handler = None
+    if not multi_process:
+        previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+    try:
+        return _train(args, config, stop, multi_process)
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _train(args, config, stop, multi_process) -> int:
+    """The loop; `stop["signal"]` is set by the SIGTERM handler (one process)."""
+    workdir = epath.Path(args.workdir)
+    # -- 1. checks that need the devices, before anything is written ---------------------------
     try:
         config_lib.check_mesh_fits(config, jax.device_count())
         schedule = schedule_lib.from_config(config)
@@ -57,6 +79,8 @@ def run(args, config) -> int:
         print(f"unialignment train: config error: {e}", file=sys.stderr)
         return 2
     simulated = jax.default_backend() == "cpu" and jax.device_count() > 1
+    if config.compilation_cache_dir and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.compilation_cache_dir))
     is_writer = jax.process_index() == 0
 
     # -- 2. mesh, frozen encoders, the train state's shapes and shardings ----------------------
@@ -65,6 +89,8 @@ def run(args, config) -> int:
     frozen = encoders_lib.build_frozen(config, mesh, rules)  # text encoder, codec, tokenizer, null prompt
     spec = aot.train_state_spec(config, mesh, rules)
     state_shardings = spec.shardings
+    # In-training samples (sampling/hook.py): fixed prompts / edits / captions, compiled on first use.
+    sample = sample_hook_lib.make_sample_hook(config, frozen, mesh, rules) if config.sample_every else None
 
     # -- 3. fresh or restored state -------------------------------------------------------------
     workdir.mkdir(parents=True, exist_ok=True)
@@ -116,8 +142,6 @@ def run(args, config) -> int:
     peak, peak_source = mfu.device_peak_flops()
     logging.info("MFU peak per device: %.3g FLOP/s (%s)", peak, peak_source)
     progress = metrics_lib.Progress(schedule.total_steps, start_step, config.progress)
-    stop = {"signal": None}
-    previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
 
     def meta(step):
         return {"step": step, "stage": schedule.stage_at(step).name, "data": data.states(),
@@ -147,6 +171,14 @@ def run(args, config) -> int:
             if done % config.checkpoint_every == 0 or done == schedule.total_steps:
                 checkpointer.save(state, meta(done), force=True)
                 last_saved = done
+                if simulated:  # an async save's transfers overlapping the next step can deadlock XLA:CPU
+                    checkpointer.wait()
+            if sample is not None and done % config.sample_every == 0:
+                t_sample = time.perf_counter()
+                sample(done, state.ema if state.ema is not None else state.params, writer, workdir)
+                pending.start_time += time.perf_counter() - t_sample  # not part of the step's time
+            if multi_process and multihost_utils.reached_preemption_sync_point(done):
+                stop["signal"] = "preemption (all processes)"
             if stop["signal"] is not None:
                 logging.warning("train: signal %s after step %d: saving and exiting", stop["signal"], done)
                 if last_saved != done:
@@ -160,7 +192,6 @@ def run(args, config) -> int:
         print(f"unialignment train: {e}", file=sys.stderr)
         return 1
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
         progress.close()
         checkpointer.close()
         writer.close()

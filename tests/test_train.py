@@ -1,0 +1,231 @@
+"""`unialignment train` end to end on 8 simulated devices: the run directory, falling loss, exact
+resume after SIGTERM across a stage boundary, resume on other meshes, the non-finite guard, and
+configs that cannot run (exit 2, nothing written).
+
+All runs use the same tiny t2i-only step, so the XLA compilation cache (tests/conftest.py) turns
+every compile after the first into a cache read.
+"""
+
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from unialignment_jax import config as config_lib
+from unialignment_jax.models import create
+from unialignment_jax.models.mmdit import DiTConfig, UniAlignmentDiT
+from unialignment_jax.parallel import mesh as mesh_lib
+from unialignment_jax.parallel import rules as rules_lib
+from unialignment_jax.training import checkpoint as checkpoint_lib
+
+TERMS = ("loss/image", "loss/text", "loss/contrastive", "loss/align_image", "loss/align_text")
+
+
+def base_args(repo_root, workdir, steps=(6, 6, 2), extra=()):
+    """The tiny demo, every stage on t2i (one compiled step shared by the three stages)."""
+    g, e, u = steps
+    return [sys.executable, "-m", "unialignment_jax", "train", "--config", f"{repo_root}/experiments/demo.py:tiny",
+            "--workdir", str(workdir), "--cpu_devices", "8",
+            f"--config.stages.generation.steps={g}", f"--config.stages.editing.steps={e}",
+            f"--config.stages.unified.steps={u}", "--config.stages.editing.tasks=t2i",
+            "--config.stages.unified.tasks=t2i", "--config.log_every=1", "--config.checkpoint_every=4",
+            "--config.progress=off", *extra]
+
+
+def run(args, timeout=600):
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+    return proc
+
+
+def metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def event_tags(workdir):
+    """Scalar tags in the TensorBoard event files (TFRecord framing, Event protos)."""
+    from tensorboardX.proto import event_pb2
+
+    tags = set()
+    tb = os.path.join(workdir, "tb")
+    for name in os.listdir(tb):
+        with open(os.path.join(tb, name), "rb") as f:
+            data = f.read()
+        pos = 0
+        while pos + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            tags.update(v.tag for v in event.summary.value)
+            pos += 12 + length + 4
+    return tags
+
+
+@pytest.fixture(scope="module")
+def full_run(repo_root, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("full")
+    proc = run(base_args(repo_root, workdir))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return workdir
+
+
+def test_run_directory_and_loss_falls(full_run):
+    names = set(os.listdir(full_run))
+    assert {"config.json", "checkpoints", "tb", "metrics.jsonl"} <= names
+    saved = json.loads((full_run / "config.json").read_text())
+    assert saved["model"]["num_layers"] == 2 and list(saved["stages"]) == ["generation", "editing", "unified"]
+    rows = metrics(full_run)
+    assert [r["step"] for r in rows] == list(range(1, 15))
+    for r in rows:
+        for key in (*TERMS, "loss", "lr", "grad_norm", "examples_per_sec", "flops_utilization"):
+            assert key in r, key
+        assert r["finite"] == 1.0
+    assert [r["stage"] for r in rows[5:7]] == ["generation", "editing"]
+    first, last = np.mean([r["loss"] for r in rows[:3]]), np.mean([r["loss"] for r in rows[-3:]])
+    assert last < 0.8 * first, (first, last)
+    tags = event_tags(full_run)
+    assert set(TERMS) | {"loss", "lr", "grad_norm", "examples_per_sec", "flops_utilization"} <= tags
+    steps = sorted(int(p) for p in os.listdir(full_run / "checkpoints") if p.isdigit())
+    assert steps == [8, 12, 14]  # saved at 4, 8, 12 and the last step; the last 3 kept
+
+
+def test_sigterm_then_resume_is_bit_exact(repo_root, tmp_path, full_run):
+    workdir = tmp_path / "interrupted"
+    proc = subprocess.Popen(base_args(repo_root, workdir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 500
+    try:
+        while time.time() < deadline:  # SIGTERM once step 3 is logged (inside stage 1)
+            if (workdir / "metrics.jsonl").exists() and len(metrics(workdir)) >= 3:
+                break
+            if proc.poll() is not None:
+                pytest.fail(f"run ended early: {proc.stderr.read()[-3000:]}")
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    stopped_at = metrics(workdir)[-1]["step"]
+    assert stopped_at < 6, "stopped after the stage boundary: nothing left to check across it"
+    assert str(stopped_at) in os.listdir(workdir / "checkpoints")
+
+    resumed = run(base_args(repo_root, workdir))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed" in resumed.stderr
+    ours, reference = metrics(workdir), {r["step"]: r for r in metrics(full_run)}
+    assert [r["step"] for r in ours] == list(range(1, 15))
+    for r in ours:
+        for key in ("loss", *TERMS, "grad_norm"):
+            assert r[key] == reference[r["step"]][key], (r["step"], key)  # bit-identical floats
+
+
+def _params_at(workdir, step, mesh: dict, rules_name="fsdp"):
+    """The DiT parameters saved at `step`, restored onto `mesh` (as numpy)."""
+    config = config_lib.load(f"{os.path.dirname(os.path.dirname(__file__))}/experiments/demo.py:tiny")
+    mesh_cfg = config_lib.base_config().mesh
+    mesh_cfg.update(mesh)
+    mesh = mesh_lib.make_mesh(mesh_cfg)
+    rules = rules_lib.get_rules(rules_name)
+    cfg = DiTConfig.from_config(config.model)
+    _, abstract = create.abstract_state(lambda: UniAlignmentDiT(cfg, rngs=nnx.Rngs(0)), mesh, rules)
+    params, got, _ = checkpoint_lib.restore_params(workdir / "checkpoints", nnx.to_pure_dict(abstract), step=step)
+    assert got == step
+    return jax.tree.map(np.asarray, params)
+
+
+@pytest.mark.parametrize("mesh, rules", [
+    (dict(data=1, fsdp=8, tensor=1), "fsdp"),
+    (dict(data=1, fsdp=4, tensor=2), "fsdp_tp"),
+])
+def test_resume_on_another_mesh(repo_root, tmp_path, full_run, mesh, rules):
+    """Saved on data=2 x fsdp=4 (the demo's mesh), resumed on another mesh and rules preset."""
+    workdir = tmp_path / "resumed"
+    (workdir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full_run / "checkpoints" / "8", workdir / "checkpoints" / "8")
+    extra = [f"--config.mesh.data={mesh['data']}", f"--config.mesh.fsdp={mesh['fsdp']}",
+             f"--config.mesh.tensor={mesh['tensor']}", f"--config.sharding.rules={rules}"]
+    proc = run(base_args(repo_root, workdir, extra=extra))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "at step 8" in proc.stderr
+    assert metrics(workdir)[0]["step"] == 9
+    # It started from the saved parameters, now laid out on the new mesh ...
+    saved = _params_at(full_run, 8, dict(data=2, fsdp=4, tensor=1), "fsdp")
+    restored = _params_at(workdir, 8, mesh, rules)
+    for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(restored)):
+        np.testing.assert_array_equal(a, b)
+    # ... and trains on from them (not bit-exact across meshes: reduction orders differ). Step 9's
+    # loss is computed from the restored parameters alone, so it agrees to float32 round-off.
+    ref = {r["step"]: r for r in metrics(full_run)}
+    rows = metrics(workdir)
+    assert rows[0]["loss"] == pytest.approx(ref[9]["loss"], rel=1e-4)
+    for r in rows:
+        assert r["loss"] == pytest.approx(ref[r["step"]]["loss"], rel=2e-3)
+
+
+def test_nonfinite_steps_stop_the_run_and_keep_the_checkpoint(repo_root, tmp_path, full_run):
+    workdir = tmp_path / "nonfinite"
+    (workdir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full_run / "checkpoints" / "8", workdir / "checkpoints" / "8")
+    proc = run(base_args(repo_root, workdir, extra=["--config.stages.editing.lr=1e38",
+                                                    "--config.stages.unified.lr=1e38",
+                                                    "--config.max_nonfinite_steps=3"]))
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "3 consecutive non-finite steps" in proc.stderr and "step 8" in proc.stderr
+    rows = metrics(workdir)
+    assert [r["finite"] for r in rows] == [0.0, 0.0, 0.0]
+    # Skipped updates never reached the parameters, and the checkpoint still restores them.
+    before = _params_at(full_run, 8, dict(data=1, fsdp=8, tensor=1))
+    after = _params_at(workdir, 8, dict(data=1, fsdp=8, tensor=1))
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--config.batch_size=12"], "batch_size"),
+    (["--config.stages.editing.tasks=t2i,paint"], "unknown task 'paint'"),
+    (["--config.data.teacher=False"], "no teacher features"),
+    (["--config.mesh.data=3"], "cannot fill 8 devices"),
+])
+def test_configs_that_cannot_run_exit_2_before_writing(repo_root, tmp_path, extra, message):
+    workdir = tmp_path / "bad"
+    proc = run(base_args(repo_root, workdir, extra=extra), timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr
+    assert not workdir.exists()
+
+
+def test_demo_trains_every_task_and_writes_samples(repo_root, tmp_path):
+    """The tiny demo with its own three-stage schedule (t2i -> t2i, edit, perception -> all six
+    tasks), through the launcher's command, with in-training samples at the last step."""
+    workdir = tmp_path / "demo"
+    proc = run([sys.executable, "-m", "unialignment_jax", "train", "--config", f"{repo_root}/experiments/demo.py:tiny",
+                "--workdir", str(workdir), "--cpu_devices", "8", "--config.log_every=1", "--config.progress=off",
+                "--config.stages.unified.steps=6", "--config.sample_every=14"], timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = metrics(workdir)
+    assert [r["step"] for r in rows] == list(range(1, 15))
+    assert [r["task"] for r in rows] == ["t2i"] * 4 + ["t2i", "edit", "perception", "t2i"] + [
+        "t2i", "edit", "perception", "compose", "caption", "vqa"]
+    assert all(r["finite"] == 1.0 and np.isfinite(r["loss"]) for r in rows)
+    assert (workdir / "samples" / "step_14.png").exists()
+    assert "caption 0:" in (workdir / "samples" / "step_14.txt").read_text()
+    from tensorboardX.proto import event_pb2  # the grid went to TensorBoard as an image summary
+
+    kinds = {}
+    for name in os.listdir(workdir / "tb"):
+        data, pos = (workdir / "tb" / name).read_bytes(), 0
+        while pos + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            for v in event_pb2.Event.FromString(data[pos + 12:pos + 12 + length]).summary.value:
+                kinds[v.tag] = v.WhichOneof("value")
+            pos += 12 + length + 4
+    assert kinds.get("samples/grid") == "image", kinds
