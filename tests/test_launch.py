@@ -66,7 +66,8 @@ def test_shellcheck_clean():
 def test_xla_flag_presets_are_known_to_jaxlib(chip):
     """XLA aborts on an unknown flag in XLA_FLAGS; the GPU flags are registered in every jaxlib, so
     the CPU build checks them too. (libtpu's LIBTPU_INIT_ARGS cannot be checked without libtpu.)"""
-    script = f'source {LAUNCH}/_common.sh; ua_chip_env {chip}'
+    # the CPU preset needs jemalloc to exist (any existing file stands in for it here)
+    script = f'UA_JEMALLOC={sys.executable}; source {LAUNCH}/_common.sh; ua_chip_env {chip}'
     lines = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True).stdout.splitlines()
     env = dict(line.split("=", 1) for line in lines)
     assert env["XLA_FLAGS"].startswith("--xla_")
@@ -77,8 +78,20 @@ def test_xla_flag_presets_are_known_to_jaxlib(chip):
     assert out.returncode == 0, out.stderr[-2000:]
 
 
+def test_cpu_preset_needs_jemalloc():
+    """YNN fusion off only pays with jemalloc (README, Performance): without it, no CPU flags."""
+    with_it = f'UA_JEMALLOC={sys.executable}; source {LAUNCH}/_common.sh; ua_chip_env cpu'
+    without = f'UA_JEMALLOC=/nonexistent/libjemalloc.so.2; source {LAUNCH}/_common.sh; ua_chip_env cpu'
+    run = lambda script: subprocess.run(["bash", "-c", script], capture_output=True, text=True,
+                                        check=True).stdout.split()
+    assert run(with_it) == ["XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=", f"LD_PRELOAD={sys.executable}"]
+    assert run(without) == []
+
+
 def test_local_dry_run_sets_the_cpu_preset_and_simulated_devices():
-    out = launch("local.sh", "--dry-run", "train", "--config", "experiments/demo.py", "--workdir", "runs/demo")
+    jemalloc = {"UA_JEMALLOC": sys.executable}
+    out = launch("local.sh", "--dry-run", "train", "--config", "experiments/demo.py", "--workdir", "runs/demo",
+                 env=jemalloc)
     (cmd,) = commands(out.stdout)
     assert cmd[0] == "env"
     assert "XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=" in cmd
@@ -87,7 +100,7 @@ def test_local_dry_run_sets_the_cpu_preset_and_simulated_devices():
     assert "chip preset cpu" in out.stderr and "env XLA_FLAGS=" in out.stderr  # logged at start
     # A user's own XLA flags come after the preset's (the later flag wins); --cpu_devices is kept.
     out = launch("local.sh", "--dry-run", "bench", "--config", "experiments/bench_medium.py", "--cpu_devices", "1",
-                 env={"XLA_FLAGS": "--xla_cpu_use_thunk_runtime=true"})
+                 env={"XLA_FLAGS": "--xla_cpu_use_thunk_runtime=true", **jemalloc})
     (cmd,) = commands(out.stdout)
     flags = next(a for a in cmd if a.startswith("XLA_FLAGS="))
     assert flags == "XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_use_thunk_runtime=true"
