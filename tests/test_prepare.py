@@ -24,7 +24,9 @@ from unialignment_jax.data.records import open_prepared, text
 from unialignment_jax.data.tokenizers import build_tokenizer
 from unialignment_jax.tasks import TASKS, num_conditions
 
-SEMGEN = "/work/shared/data/semgen_bench"
+# ../shared beside the checkout (as CI lays it out)
+SEMGEN = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared", "data",
+                      "semgen_bench")
 
 
 def small_config(resolution=32, text_length=128):
