@@ -28,7 +28,8 @@ def use_layer_scan(requested: bool) -> bool:
     XLA:CPU then runs the FSDP all-gathers inside the while loop's body concurrently with
     collectives outside it, in an order that differs between devices, and its in-process
     collectives deadlock. Measured on 2 cores: tests/test_train_step.py hung in 7 of 7 runs with the
-    scan and passed 5 of 5 unrolled. Compile-only tools (`inspect`, the memory plan) execute nothing
+    scan (4 of them with XLA flags tried as fixes: xla_cpu_use_thunk_runtime=false,
+    xla_cpu_multi_thread_eigen=false) and passed 5 of 5 unrolled. Compile-only tools (`inspect`, the memory plan) execute nothing
     and set UNIALIGNMENT_CPU_SCAN=1 to keep the scan; so can anyone who wants it anyway.
     """
     if not requested:
