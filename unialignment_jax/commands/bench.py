@@ -52,27 +52,9 @@ def frozen_encoders(config, mesh, rules) -> encoders_lib.Frozen:
     (benchmark configs), the same encoders with the T5 token layout and the empty prompt encoded
     as EOS padding."""
     tok = config.tokenizer
-    if tok.kind == "byte" or (tok.path and os.path.exists(tok.path)):
-        return encoders_lib.build_frozen(config, mesh, rules)
-    from flax import nnx
-
-    from unialignment_jax.models import encoders as factories
-
-    text_graphdef, text_state = nnx.split(factories.build_text_encoder(config, mesh, rules))
-    codec = factories.build_codec(config, mesh, rules)
-    codec_static, codec_state = nnx.split(codec) if isinstance(codec, nnx.Module) else (codec, {})
-    frozen = encoders_lib.Frozen(
-        tokenizer=encoders_lib._AbstractTokenizer(config), text_graphdef=text_graphdef, codec_static=codec_static,
-        codec_is_module=isinstance(codec, nnx.Module), use_attention_mask=bool(config.text_encoder.use_attention_mask),
-        arrays={"text": text_state, "codec": codec_state})
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    ids = jnp.ones((shards, int(config.input.text_length)), jnp.int32)  # EOS padding
-    with create.sharding_context(mesh, rules):
-        null = jax.jit(lambda s, i: frozen.text_encoder(s)(i)[:1])(text_state, ids)
-    frozen.arrays["null_features"] = jax.device_put(
-        null.astype(jnp.float32), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-    jax.block_until_ready(frozen.arrays)
-    return frozen
+    have_file = tok.kind == "byte" or (tok.path and os.path.exists(tok.path))
+    return encoders_lib.build_frozen(config, mesh, rules,
+                                     tokenizer=None if have_file else encoders_lib._AbstractTokenizer(config))
 
 
 def bench_stage(config, task: str) -> schedule_lib.Stage:

@@ -12,6 +12,7 @@ import os
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from unialignment_jax.models import create
@@ -36,9 +37,12 @@ class Frozen:
         return lambda ids: model(ids)
 
 
-def build_frozen(config, mesh, rules) -> Frozen:
-    tokenizer = encoder_factories.build_tokenizer(config)
-    encoder_factories.check_consistency(config, tokenizer)
+def build_frozen(config, mesh, rules, tokenizer=None) -> Frozen:
+    """tokenizer: None builds config.tokenizer (and checks it against the text encoder); benchmarks
+    without the tokenizer's file pass `_AbstractTokenizer(config)`."""
+    if tokenizer is None:
+        tokenizer = encoder_factories.build_tokenizer(config)
+        encoder_factories.check_consistency(config, tokenizer)
     text_encoder = encoder_factories.build_text_encoder(config, mesh, rules)
     codec = encoder_factories.build_codec(config, mesh, rules)
     text_graphdef, text_state = nnx.split(text_encoder)
@@ -101,3 +105,12 @@ class _AbstractTokenizer:
         self.pad_id, self.eos_id = 0, 1
         self.mask_id = int(config.text_encoder.mask_token_id)
         self.vocab_size = int(config.model.vocab_size)
+        self.fill_id = self.eos_id if config.tokenizer.pad_with == "eos" else self.pad_id
+
+    def encode(self, texts, length: int) -> np.ndarray:
+        """Blank texts only (the empty prompt): EOS, then padding, as the T5 tokenizer gives."""
+        if any(t.strip() for t in texts):
+            raise ValueError("no tokenizer file here: only blank texts can be encoded")
+        ids = np.full((len(texts), length), self.fill_id, np.int32)
+        ids[:, 0] = self.eos_id
+        return ids
