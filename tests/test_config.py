@@ -66,6 +66,7 @@ def test_stage_order_is_kept():
     (["--config.ema.decay=1.0"], "ema.decay"),
     (["--config.objective.flow_loss=eps"], "flow_loss"),
     (["--config.text_encoder.preset=t5_giant"], "text_encoder.preset"),
+    (["--config.text_encoder.train_mask_embedding=True"], "text_encoder.train_mask_embedding .* not supported"),
     (["--workdir=x"], "unknown argument"),
 ])
 def test_bad_values_name_the_key(overrides, message):

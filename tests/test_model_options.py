@@ -103,3 +103,15 @@ def test_bfloat16_compute_float32_params_and_outputs():
     latents, context, ts, cond = inputs()
     assert model16.embed_image(latents).dtype == jnp.bfloat16
     assert model32.embed_image(latents).dtype == jnp.float32
+
+
+def test_layer_scans_unrolled_on_simulated_cpu_devices(monkeypatch):
+    """8 simulated CPU devices: scans unrolled (XLA:CPU collective deadlock, models/layers.py),
+    unless UNIALIGNMENT_CPU_SCAN=1 (compile-only tools); never a scan when not asked for."""
+    from unialignment_jax.models.layers import CPU_SCAN_ENV, use_layer_scan
+
+    assert jax.default_backend() == "cpu" and jax.device_count() > 1
+    monkeypatch.delenv(CPU_SCAN_ENV, raising=False)
+    assert use_layer_scan(True) is False and use_layer_scan(False) is False
+    monkeypatch.setenv(CPU_SCAN_ENV, "1")
+    assert use_layer_scan(True) is True and use_layer_scan(False) is False
