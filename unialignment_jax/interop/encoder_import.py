@@ -9,7 +9,6 @@ safetensors are read tensor by tensor (safetensors_io.py).
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -20,7 +19,7 @@ from flax import nnx
 from unialignment_jax import paths
 from unialignment_jax.interop import streaming, t5_names, vae_names
 from unialignment_jax.interop.convert import CheckpointMismatch
-from unialignment_jax.interop.safetensors_io import Checkpoint, SafetensorsFile
+from unialignment_jax.interop.safetensors_io import Checkpoint, SafetensorsFile, read_json
 from unialignment_jax.models.t5 import T5Config, T5Encoder
 from unialignment_jax.models.vae import AutoencoderKL, VAEConfig
 
@@ -31,20 +30,12 @@ _T5_CHECKED_FIELDS = ("d_model", "num_layers", "num_heads", "d_kv", "d_ff", "voc
                       "relative_attention_num_buckets", "relative_attention_max_distance", "layer_norm_epsilon")
 
 
-def _read_json(path: str) -> dict:
-    try:
-        with paths.open_file(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read ({e})") from None
-
-
 def _check_hf_t5_config(path: str, cfg: T5Config) -> None:
     """If the checkpoint directory has a config.json, its T5 hyper-parameters must equal ours."""
     cfg_path = paths.join(path if paths.is_dir(path) else paths.parent(path), "config.json")
     if not paths.is_file(cfg_path):
         return
-    hf = _read_json(cfg_path)
+    hf = read_json(cfg_path)
     if hf.get("model_type", "t5") != "t5":
         raise CheckpointMismatch(f"{cfg_path}: model_type {hf.get('model_type')!r} is not a T5 model")
     if hf.get("feed_forward_proj", "gated-gelu") != "gated-gelu":
@@ -112,7 +103,7 @@ def vae_config_from_dir(path: str, **overrides: Any) -> VAEConfig:
     if not paths.is_file(cfg_path):
         raise FileNotFoundError(f"{path}: a diffusers AutoencoderKL directory needs config.json")
     try:
-        return VAEConfig.from_diffusers(_read_json(cfg_path), **overrides)
+        return VAEConfig.from_diffusers(read_json(cfg_path), **overrides)
     except ValueError as e:
         raise CheckpointMismatch(f"{cfg_path}: {e}") from None
 

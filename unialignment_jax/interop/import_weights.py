@@ -48,7 +48,7 @@ from flax import nnx
 from unialignment_jax import paths
 from unialignment_jax.interop import names, sd3_names, streaming
 from unialignment_jax.interop.convert import CheckpointMismatch, fetch, flatten
-from unialignment_jax.interop.safetensors_io import FLOAT_CODES, Checkpoint, CheckpointFormatError
+from unialignment_jax.interop.safetensors_io import FLOAT_CODES, Checkpoint, CheckpointFormatError, read_json
 from unialignment_jax.models import embeddings
 
 WEIGHT_FILES = (sd3_names.DIFFUSERS_WEIGHTS, "model.safetensors")
@@ -81,14 +81,6 @@ def _no_pickles(folder: str) -> None:
                                     "read; convert them once with safetensors.torch.save_file(state_dict, path)")
 
 
-def _read_json(path: str) -> dict:
-    try:
-        with paths.open_file(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointFormatError(f"{path}: cannot read ({e})") from None
-
-
 def resolve_source(path: str) -> Source:
     """Find the weights (and side file, config.json, mask row) at `path` and tell their layout."""
     if not paths.exists(path):
@@ -113,7 +105,7 @@ def resolve_source(path: str) -> Source:
     for name in ("unialignment_config.json", "config.json"):
         candidate = paths.join(folder, name)
         if paths.is_file(candidate):
-            src.config, src.config_path = _read_json(candidate), candidate
+            src.config, src.config_path = read_json(candidate), candidate
             break
     for d in (folder, paths.parent(paths.absolute(folder))):
         if paths.is_file(paths.join(d, MASK_FILE)):

@@ -42,6 +42,16 @@ class CheckpointFormatError(ValueError):
     """A file that is not a readable safetensors checkpoint; the message names the file."""
 
 
+def read_json(path: str) -> dict:
+    """A checkpoint's json file (config.json, an index), local or remote; CheckpointFormatError
+    naming the file when it cannot be read or parsed."""
+    try:
+        with paths.open_file(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointFormatError(f"{path}: cannot read ({e})") from None
+
+
 class SafetensorsFile:
     """The tensors of one `.safetensors` file, read on demand through a memory map."""
 
