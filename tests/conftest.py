@@ -41,3 +41,12 @@ def make_mesh(data=1, fsdp=-1, tensor=1):
 @pytest.fixture(scope="session")
 def mesh_222():
     return make_mesh(2, 2, 2)
+
+
+@pytest.fixture
+def bucket():
+    """gs:// served from memory (tests/fake_bucket.py) for the test: yields "gs://test-bucket"."""
+    from fake_bucket import registered
+
+    with registered() as uri:
+        yield uri

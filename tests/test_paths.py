@@ -11,12 +11,11 @@ from __future__ import annotations
 import json
 import os
 
-import fsspec
 import numpy as np
 import pytest
 from etils import epath
-from fsspec.implementations.memory import MemoryFileSystem
 
+from fake_bucket import FakeBucket  # the in-memory gs:// (conftest.py: the `bucket` fixture)
 from unialignment_jax import paths
 from unialignment_jax.data import shapes as S
 
@@ -24,41 +23,6 @@ try:  # the tiny trained run of the export tests (a module fixture: trained once
     from tests.test_export import run_dir  # noqa: F401
 except pytest.skip.Exception:  # torch / diffusers not installed: the round trip test skips
     run_dir = None
-
-
-class FakeBucket(MemoryFileSystem):
-    """gs:// in memory. Objects are written whole: no append (as GCS)."""
-
-    protocol = ("gs", "gcs")
-    store: dict = {}
-    pseudo_dirs = [""]
-
-    def __init__(self, *args, finalize_on_close=None, **kwargs):
-        super().__init__(*args, **kwargs)
-
-    def _open(self, path, mode="rb", **kwargs):
-        if "a" in mode:
-            raise NotImplementedError("a bucket object cannot be appended to")
-        return super()._open(path, mode, **kwargs)
-
-
-@pytest.fixture
-def bucket():
-    saved = {p: fsspec.registry.get(p) for p in ("gs", "gcs")}
-    for p in ("gs", "gcs"):
-        fsspec.register_implementation(p, FakeBucket, clobber=True)
-    FakeBucket.store.clear()
-    FakeBucket.pseudo_dirs[:] = [""]
-    # epath caches the filesystem per scheme: start from ours.
-    from etils.epath import backend
-
-    backend.fsspec_backend._get_filesystem.cache_clear()
-    yield "gs://test-bucket"
-    FakeBucket.store.clear()
-    backend.fsspec_backend._get_filesystem.cache_clear()
-    for p, impl in saved.items():
-        if impl is not None:
-            fsspec.register_implementation(p, impl, clobber=True)
 
 
 def test_helpers_keep_uris_and_local_paths(tmp_path):

@@ -8,7 +8,9 @@ file or directory into a temporary local one; `staged_output` lets a writer fill
 that is uploaded to the remote destination when it completes (nothing is uploaded on failure).
 
 Reaching gs:// needs a filesystem backend: `pip install gcsfs` (fsspec), or TensorFlow (not used
-by this project). Tests register an in-memory filesystem as `gs://` (tests/test_paths.py).
+by this project); Orbax checkpoints on gs:// also need `google-cloud-storage` (Orbax asks it about
+the bucket's layout; TensorStore reads and writes the arrays with its own GCS driver). Tests
+register an in-memory filesystem as `gs://` (tests/fake_bucket.py, the `bucket` fixture).
 """
 
 from __future__ import annotations

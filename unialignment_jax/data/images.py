@@ -76,6 +76,16 @@ def encode_image(img: Image.Image, fmt: str = "png", quality: int = 95) -> bytes
     return buf.getvalue()
 
 
+def write_png(path, pixels) -> None:
+    """uint8 (H, W, 3) pixels as a PNG file (PIL's default compression) at `path`, local or a URI
+    (gs://...): encoded in memory, then written whole through etils epath (PIL cannot open a URI)."""
+    from etils import epath
+
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(pixels)).save(buf, format="PNG")
+    epath.Path(path).write_bytes(buf.getvalue())
+
+
 def source_format(data: bytes) -> str | None:
     """'jpeg' / 'png' for bytes in those formats, else None."""
     if data[:3] == b"\xff\xd8\xff":
@@ -107,5 +117,5 @@ def normalize(pixels: np.ndarray) -> np.ndarray:
     return out
 
 
-__all__ = ["ImageError", "open_image", "resize_center_crop", "encode_image", "source_format", "to_pixels",
-           "normalize", "DEFAULT_MAX_PIXELS"]
+__all__ = ["ImageError", "open_image", "resize_center_crop", "encode_image", "write_png", "source_format",
+           "to_pixels", "normalize", "DEFAULT_MAX_PIXELS"]

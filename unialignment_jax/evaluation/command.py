@@ -8,6 +8,7 @@
 
 Prints a table; with `--json`, stdout is one JSON object (the table goes to stderr). The scores
 are also written to `<out>/results.json` for val_loss and shapes (default out: W/eval/<suite>).
+--workdir, --out and --data may be URIs (`gs://...`, through etils epath: unialignment_jax/paths.py).
 Exit codes: 0 done, 2 bad input (run, checkpoint, data), 1 a failure while evaluating.
 """
 
@@ -16,9 +17,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 
+from etils import epath
+
+from unialignment_jax import paths
 from unialignment_jax.sampling.restore import RunError, open_run, read_config
 
 SUITES = ("val_loss", "shapes", "semgen")
@@ -101,13 +104,13 @@ def run(args, config=None) -> int:
                                    batch_size=args.batch, seed=args.seed)
         result["scores"] = scores
         table = format_table(["task", "image_loss", "text_loss", "n"], val_loss.table_rows(scores))
-        out_dir = args.out or os.path.join(args.workdir, "eval", "val_loss" + suffix)
+        out_dir = args.out or paths.join(args.workdir, "eval", "val_loss" + suffix)
     elif args.suite == "shapes":
         from unialignment_jax.evaluation import shapes_bench
 
         if any(cfg.data[t] != "shapes" for t in (tasks or tasks_lib.TASKS)):
             logging.warning("evaluate: the run was not trained on the Shapes world; its scores are still exact")
-        out_dir = args.out or os.path.join(args.workdir, "eval", "shapes" + suffix)
+        out_dir = args.out or paths.join(args.workdir, "eval", "shapes" + suffix)
         scores = shapes_bench.evaluate(run_, run_.params, tasks=tasks or tasks_lib.TASKS, split=args.split,
                                        limit=args.limit or 64, settings=settings, batch_size=args.batch,
                                        out_dir=out_dir if jax.process_index() == 0 else None, log=log)
@@ -119,8 +122,8 @@ def run(args, config=None) -> int:
     else:
         from unialignment_jax.evaluation import semgen
 
-        out_root = args.out or os.path.join(args.workdir, "results")
-        method = args.method or (os.path.basename(os.path.normpath(args.workdir)) + ("_ema" if args.ema else ""))
+        out_root = args.out or paths.join(args.workdir, "results")
+        method = args.method or (epath.Path(paths.absolute(args.workdir)).name + ("_ema" if args.ema else ""))
         try:
             summary = semgen.generate(run_, run_.params, out_dir=out_root, method=method, data_dir=data_dir,
                                       limit=args.limit or 0, tasks=tasks or semgen.TASKS, steps=args.steps or 50,
@@ -132,9 +135,8 @@ def run(args, config=None) -> int:
         table = format_table(["task", "images", "guidance", "steps", "s/image"], semgen.table_rows(summary))
         out_dir = None
     if out_dir and jax.process_index() == 0:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "results.json"), "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
+        epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
+        epath.Path(paths.join(out_dir, "results.json")).write_text(json.dumps(result, indent=2), encoding="utf-8")
         result["out"] = out_dir
     if jax.process_index() == 0:
         header = f"{args.suite} @ step {run_.step}{' (EMA)' if args.ema else ''}: {args.workdir}"

@@ -12,15 +12,21 @@ Protocol of the official `generate_bench_img.py`:
     `<key>_SRCIMG.png` (the judge skips an edit item without it). Run the judge with
     `--image_path <out>/<method>`.
 Per-item noise comes from (seed, task, key), so a subset (`limit`) reproduces the full run's images.
+The data directory and the output root may be URIs (`gs://...`, through etils epath:
+unialignment_jax/paths.py); images are encoded in memory and written whole.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
 
 import numpy as np
+from etils import epath
+
+from unialignment_jax import paths
 
 T2I_TASKS = ("t2i_long", "t2i_complex")
 EDIT_TASKS = ("edit_multi", "edit_complex")
@@ -39,13 +45,13 @@ class BenchError(ValueError):
 
 
 def read_items(data_dir: str, limit: int = 0) -> list[dict]:
-    """The benchmark lines (with `key` = 0-based line number and `image` = the local source path)."""
-    path = os.path.join(data_dir, "semgen_bench.jsonl")
-    if not os.path.isfile(path):
+    """The benchmark lines (with `key` = 0-based line number and `image` = the source image's path)."""
+    path = paths.join(data_dir, "semgen_bench.jsonl")
+    if not paths.is_file(path):
         raise BenchError(f"{path}: not found (SemGen-Bench data directory: --data)")
     items = []
-    with open(path, encoding="utf-8") as f:
-        for key, line in enumerate(f):
+    with paths.open_file(path, "rb") as f:
+        for key, line in enumerate(io.TextIOWrapper(f, encoding="utf-8")):
             if limit and len(items) >= limit:
                 break
             try:
@@ -56,7 +62,7 @@ def read_items(data_dir: str, limit: int = 0) -> list[dict]:
             if missing:
                 raise BenchError(f"{path} line {key + 1}: missing field(s) {missing}")
             item["key"] = key
-            item["image"] = os.path.join(data_dir, "images", f"{item['image_id']}.jpg")
+            item["image"] = paths.join(data_dir, "images", f"{item['image_id']}.jpg")
             items.append(item)
     return items
 
@@ -66,7 +72,9 @@ def load_source(path: str, resolution: int) -> np.ndarray:
     from PIL import Image
 
     try:
-        with Image.open(path) as img:
+        with paths.open_file(path, "rb") as f:  # a local path or a URI (gs://...)
+            data = f.read()
+        with Image.open(io.BytesIO(data)) as img:
             return np.asarray(img.resize((resolution, resolution), Image.BICUBIC).convert("RGB"), np.uint8)
     except (OSError, ValueError) as e:
         raise BenchError(f"{path}: cannot read the source image ({e})") from None
@@ -75,8 +83,7 @@ def load_source(path: str, resolution: int) -> np.ndarray:
 def generate(run, params, *, out_dir: str, method: str, data_dir: str | None = None, limit: int = 0,
              tasks=TASKS, steps: int = 50, guidance: float | None = None, settings=None, batch_size: int = 0,
              log=print) -> dict:
-    from PIL import Image
-
+    from unialignment_jax.data.images import write_png
     from unialignment_jax.sampling.pipeline import Settings
 
     items = read_items(data_dir or default_data_dir(), limit)
@@ -85,14 +92,14 @@ def generate(run, params, *, out_dir: str, method: str, data_dir: str | None = N
     if res != OFFICIAL_RESOLUTION:
         log(f"semgen: generating at the run's resolution {res} px (the official protocol is {OFFICIAL_RESOLUTION})")
     base = settings or Settings()
-    root = os.path.join(out_dir, method, "fullset")
-    summary = {"out": os.path.join(out_dir, method), "items": len(items), "tasks": {}}
+    root = paths.join(out_dir, method, "fullset")
+    summary = {"out": paths.join(out_dir, method), "items": len(items), "tasks": {}}
     sources = {it["key"]: load_source(it["image"], res) for it in items} if set(tasks) & set(EDIT_TASKS) else {}
     for t, task in enumerate(tasks):
         if task not in TASKS:
             raise BenchError(f"semgen task {task!r}; known: {', '.join(TASKS)}")
-        folder = os.path.join(root, task)
-        os.makedirs(folder, exist_ok=True)
+        folder = paths.join(root, task)
+        epath.Path(folder).mkdir(parents=True, exist_ok=True)
         g = GUIDANCE[task] if guidance is None else guidance
         s = Settings(image_steps=steps, guidance=g, shift=base.shift, negative_prompt=base.negative_prompt,
                      seed=base.seed)
@@ -106,9 +113,9 @@ def generate(run, params, *, out_dir: str, method: str, data_dir: str | None = N
             images = sampler.generate(params, "t2i", prompts, None, settings=s, indices=indices)
         seconds = time.perf_counter() - t0
         for it, img in zip(items, images):
-            Image.fromarray(img).save(os.path.join(folder, f"{it['key']}.png"))
+            write_png(paths.join(folder, f"{it['key']}.png"), img)
             if task in EDIT_TASKS:
-                Image.fromarray(sources[it["key"]]).save(os.path.join(folder, f"{it['key']}_SRCIMG.png"))
+                write_png(paths.join(folder, f"{it['key']}_SRCIMG.png"), sources[it["key"]])
         summary["tasks"][task] = {"images": len(items), "guidance": g, "steps": steps,
                                   "seconds_per_image": seconds / max(len(items), 1)}
         log(f"semgen/{task}: {len(items)} images -> {folder} ({seconds / max(len(items), 1):.2f} s/image)")

@@ -7,16 +7,19 @@ sampled with the official settings unless overridden (images: 50 Euler steps, gu
 3; texts: 32 steps). The suite reports, per task, the mean of every score; the headline of each
 task is `shapes_scores.PRIMARY` (t2i / compose / caption: attribute accuracy; edit: exact; perception:
 map error; vqa: answer accuracy). With an output directory it also writes one PNG grid per image
-task (rows: condition images, sample, target) and the texts as JSONL.
+task (rows: condition images, sample, target) and the texts as JSONL; the directory may be a URI
+(`gs://...`, through etils epath: unialignment_jax/paths.py), each file written whole.
 """
 
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
+from etils import epath
 
+from unialignment_jax import paths
+from unialignment_jax.data import images as image_lib
 from unialignment_jax.data import pipeline as data_pipeline
 from unialignment_jax.data import shapes
 from unialignment_jax.evaluation import shapes_scores
@@ -78,21 +81,18 @@ def evaluate(run, params, *, tasks=TASKS, split: str = "test", limit: int = 64, 
         log(f"shapes/{task}: {shapes_scores.PRIMARY[task]} = {results[task][shapes_scores.PRIMARY[task]]:.3f} "
             f"(n = {len(exs)})")
         if out_dir:
-            os.makedirs(out_dir, exist_ok=True)
+            epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
             if task in ("caption", "vqa"):
-                with open(os.path.join(out_dir, f"{task}.jsonl"), "w", encoding="utf-8") as f:
-                    for e, o, s in zip(exs, outputs, scores):
-                        f.write(json.dumps({"question": e.question, "reference": e.caption, "output": o,
-                                            "scores": s}) + "\n")
+                lines = [json.dumps({"question": e.question, "reference": e.caption, "output": o, "scores": s}) + "\n"
+                         for e, o, s in zip(exs, outputs, scores)]
+                epath.Path(paths.join(out_dir, f"{task}.jsonl")).write_text("".join(lines), encoding="utf-8")
             else:
-                from PIL import Image
-
                 k = min(len(exs), 16)
                 rows = [np.stack([shapes.render(e.conds[j], sampler.resolution) for e in exs[:k]])
                         for j in range(len(exs[0].conds))]
                 rows += [np.stack(outputs[:k]), np.stack([shapes.render(e.target, sampler.resolution)
                                                           for e in exs[:k]])]
-                Image.fromarray(grid(rows)).save(os.path.join(out_dir, f"{task}.png"))
+                image_lib.write_png(paths.join(out_dir, f"{task}.png"), grid(rows))
     return results
 
 

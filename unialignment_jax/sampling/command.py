@@ -13,6 +13,9 @@ and written to --out. Input images are resized (short side, bicubic) and centre-
 run's resolution, as the official pipeline does. Defaults are the official settings: 50 steps and
 guidance 7 (SD3 timestep shift 3) for images, 32 steps for texts.
 
+--workdir, --image and --out may be URIs (`gs://...`, through etils epath: unialignment_jax/paths.py);
+the output is encoded in memory and written whole (a bucket object cannot be written in place).
+
 Exit codes: 0 done; 2 bad input (no run / config / checkpoint, wrong number of images for the
 task, an unreadable image, a missing prompt), with a message naming it; 1 a failure while sampling.
 """
@@ -20,11 +23,12 @@ task, an unreadable image, a missing prompt), with a message naming it; 1 a fail
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 import numpy as np
+from etils import epath
 
+from unialignment_jax import paths
 from unialignment_jax import tasks as tasks_lib
 from unialignment_jax.sampling.restore import RunError, open_run, read_config
 
@@ -40,7 +44,7 @@ def load_image(path: str, resolution: int) -> np.ndarray:
     from unialignment_jax.data import images as image_lib
 
     try:
-        with open(path, "rb") as f:
+        with paths.open_file(path, "rb") as f:  # a local path or a URI (gs://...)
             data = f.read()
     except OSError as e:
         raise InputError(f"--image {path}: cannot read ({e.strerror or e})") from None
@@ -83,8 +87,8 @@ def run(args, config=None) -> int:
         if args.shift <= 0:
             raise InputError(f"--shift {args.shift}: must be positive")
         pixels = [load_image(p, int(cfg.input.resolution)) for p in images]
-        out_dir = os.path.dirname(os.path.abspath(args.out))
-        if os.path.exists(args.out) and os.path.isdir(args.out):
+        out_dir = paths.parent(paths.absolute(args.out))
+        if paths.is_dir(args.out):
             raise InputError(f"--out {args.out} is a directory; give a file path")
         run_ = open_run(args.workdir, ema=args.ema, step=args.step)
     except (RunError, InputError) as e:
@@ -103,20 +107,19 @@ def run(args, config=None) -> int:
     logging.info("sample: %s from %s step %d%s", args.task, args.workdir, run_.step, " (EMA)" if args.ema else "")
     writer = jax.process_index() == 0
     if writer:
-        os.makedirs(out_dir, exist_ok=True)
+        epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
     if args.task in TEXT_TASKS:
         questions = [args.prompt] if args.task == "vqa" else None
         text = sampler.describe(run_.params, args.task, np.stack(pixels), questions, settings=settings)[0]
         print(text)
         if writer:
-            with open(args.out, "w", encoding="utf-8") as f:
-                f.write(text + "\n")
+            epath.Path(args.out).write_text(text + "\n", encoding="utf-8")
     else:
         cond = np.stack(pixels)[None] if pixels else None
         image = sampler.generate(run_.params, args.task, [args.prompt], cond, settings=settings)[0]
         if writer:
-            from PIL import Image
+            from unialignment_jax.data import images as image_lib
 
-            Image.fromarray(image).save(args.out, format="PNG")
+            image_lib.write_png(args.out, image)
             print(f"wrote {args.out}")
     return 0

@@ -4,6 +4,10 @@ and the DiT parameters (latest or a given step, raw or EMA) restored onto this m
 Every problem a user can cause (no workdir, no config.json, a config that no longer validates, no
 checkpoint, no EMA in it) is a `RunError` with a message that names the path; the commands print it
 and exit with code 2.
+
+The workdir may be a URI (`gs://...`): config.json is read through etils epath
+(unialignment_jax/paths.py) and the checkpoint directory is handed to Orbax as it is (Orbax reads
+gs:// itself, with TensorStore's GCS driver).
 """
 
 from __future__ import annotations
@@ -11,12 +15,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from typing import Any
 
 import ml_collections
 
 from unialignment_jax import config as config_lib
+from unialignment_jax import paths
 
 
 class RunError(Exception):
@@ -34,14 +38,14 @@ def _config_dict(d):
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
     """W/config.json (the resolved config the trainer wrote) as a validated, locked ConfigDict."""
-    if not os.path.isdir(workdir):
+    if not paths.is_dir(workdir):
         raise RunError(f"--workdir {workdir}: no such directory")
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
+    path = paths.join(workdir, "config.json")
+    if not paths.is_file(path):
         raise RunError(f"{path}: not found (is {workdir} a training run directory? `unialignment train` writes it)")
     try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
+        with paths.open_file(path, "rb") as f:
+            raw = json.loads(f.read())
     except (OSError, ValueError) as e:
         raise RunError(f"{path}: cannot read ({e})") from None
     if not isinstance(raw, dict) or "stages" not in raw or "model" not in raw:
@@ -113,8 +117,8 @@ def open_run(workdir: str, *, ema: bool = False, step: int | None = None, restor
     from unialignment_jax.training import encoders as encoders_lib
 
     config = read_config(workdir)
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    if restore and not os.path.isdir(ckpt_dir):
+    ckpt_dir = paths.join(workdir, "checkpoints")
+    if restore and not paths.is_dir(ckpt_dir):
         raise RunError(f"{ckpt_dir}: no checkpoints (train first, or check --workdir)")
     mesh = make_mesh(config)
     rules = rules_lib.get_rules(config.sharding.rules)
@@ -125,6 +129,11 @@ def open_run(workdir: str, *, ema: bool = False, step: int | None = None, restor
             params, restored_step, _ = checkpoint_lib.restore_params(ckpt_dir, abstract, ema=ema, step=step)
         except (FileNotFoundError, ValueError) as e:
             raise RunError(str(e)) from None
+        except ImportError as e:  # Orbax asks google-cloud-storage about a gs:// bucket's layout
+            if not paths.is_remote(ckpt_dir):
+                raise
+            raise RunError(f"{ckpt_dir}: reading a bucket checkpoint needs the bucket's client library "
+                           f"(pip install google-cloud-storage gcsfs): {e}") from None
         jax.block_until_ready(params)
     try:
         frozen = encoders_lib.build_frozen(config, mesh, rules)
