@@ -21,6 +21,7 @@ from tests.torch_reference import UniAlignmentReference  # noqa: E402
 from unialignment_jax import cli  # noqa: E402
 from unialignment_jax import config as config_lib  # noqa: E402
 from unialignment_jax.interop import convert, export, import_weights, sd3_names, streaming  # noqa: E402
+from unialignment_jax.data.shapes import VOCABULARY  # noqa: E402
 from unialignment_jax.interop.safetensors_io import Checkpoint, SafetensorsFile  # noqa: E402
 from unialignment_jax.models.mmdit import DiTConfig, UniAlignmentDiT  # noqa: E402
 from unialignment_jax.training import checkpoint as checkpoint_lib  # noqa: E402
@@ -92,7 +93,7 @@ def test_official_export_loads_strictly_and_matches_reference(run_dir, tmp_path)
     out = tmp_path / "official"
     assert export_cli(run_dir["workdir"], out) == 0
     ref, c = reference_from_export(out)  # load_state_dict(strict=True) inside
-    assert c["vocab_size"] == 384 and c["num_layers"] == 2 and c["caption_projection_dim"] == 128
+    assert c["vocab_size"] == 175 and c["num_layers"] == 2 and c["caption_projection_dim"] == 128
     assert c["_unialignment_export"] == {"source_step": 4, "ema": False, "format": "official"}
     model, cfg, _, _ = restored(run_dir["workdir"])
     for task in ("t2i", "edit"):
@@ -109,8 +110,10 @@ def test_official_export_loads_strictly_and_matches_reference(run_dir, tmp_path)
     mask = SafetensorsFile(str(out / "mask_token_emb.safetensors"))
     np.testing.assert_array_equal(mask.array("mask_token_emb"), run_dir["mask_row"])
     tok = json.loads((out / "tokenizer" / "tokenizer_config.json").read_text())
-    assert tok["tokenizer_class"] == "ByT5Tokenizer" and tok["model_max_length"] == 32 and tok["pad_token"] == "</s>"
-    assert tok["unialignment"]["mask_token_id"] == 259
+    # The demo's word tokenizer has no HF class: its vocabulary is written out.
+    assert tok["tokenizer_class"] is None and tok["model_max_length"] == 32 and tok["pad_token"] == "</s>"
+    assert tok["unialignment"]["mask_token_id"] == 75 and tok["unialignment"]["kind"] == "words"
+    assert tok["unialignment"]["vocabulary"] == list(VOCABULARY)
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     sched = FlowMatchEulerDiscreteScheduler.from_pretrained(str(out / "scheduler"))

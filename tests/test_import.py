@@ -28,12 +28,12 @@ from unialignment_jax.models.mmdit import DiTConfig, UniAlignmentDiT  # noqa: E4
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPEC = f"{ROOT}/experiments/demo.py:tiny"
-# The demo's tiny model (2 blocks, width 128, T5 width 64, pixel-codec channels 48) with SD3's
+# The demo's tiny model (2 blocks, width 128, patch 1, T5 width 64, pixel-codec channels 48) with SD3's
 # 256-d timestep sinusoid, computed exactly as diffusers does (no float16 rounding).
 OVERRIDES = ["--config.model.timestep_dim=256", "--config.model.timestep_fp16_round=False",
              "--config.stages.generation.steps=1", "--config.stages.editing.steps=1",
              "--config.stages.unified.steps=1", "--config.checkpoint_every=3"]
-SD3_ARGS = dict(sample_size=8, patch_size=2, in_channels=48, num_layers=2, attention_head_dim=32,
+SD3_ARGS = dict(sample_size=8, patch_size=1, in_channels=48, num_layers=2, attention_head_dim=32,
                 num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=128, pooled_projection_dim=32,
                 out_channels=48, pos_embed_max_size=12)
 

@@ -179,3 +179,17 @@ def test_bad_inputs_raise_clear_errors():
         model(None, ctx, jnp.zeros((1,)), jnp.zeros((1, 1, 8, 8, 4)))
     with pytest.raises(ValueError, match="block_depth"):
         UniAlignmentDiT(dataclasses.replace(TINY, block_depth=9), rngs=nnx.Rngs(0))
+
+
+def test_indivisible_dimensions_are_replicated():
+    """A parameter dimension the mesh does not divide (a 175-row vocabulary on tensor = 2) is left
+    unsplit; the other dimension keeps its axis, and divisible ones are unchanged."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from unialignment_jax.models.create import divisible
+
+    mesh = jax.make_mesh((4, 2), ("fsdp", "tensor"))
+    got = divisible((128, 175), NamedSharding(mesh, P("fsdp", "tensor")))
+    assert got.spec == P("fsdp", None)
+    assert divisible((128, 176), NamedSharding(mesh, P("fsdp", "tensor"))).spec == P("fsdp", "tensor")
+    assert divisible((6, 16), NamedSharding(mesh, P(("fsdp", "tensor"), None))).spec == P(None, None)

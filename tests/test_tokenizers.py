@@ -104,4 +104,53 @@ def test_build_tokenizer_from_config(spiece_dir):
         build_tokenizer({"kind": "bpe", "path": ""})
     with pytest.raises(ValueError, match="tokenizer.path"):
         SentencePieceTokenizer(str(spiece_dir / "missing.model"))
-    assert tokenizers.KINDS == ("sentencepiece", "byte")
+    assert tokenizers.KINDS == ("sentencepiece", "byte", "words")
+    assert isinstance(build_tokenizer({"kind": "words", "vocabulary": "shapes"}), tokenizers.WordTokenizer)
+    with pytest.raises(ValueError, match="tokenizer.vocabulary"):
+        build_tokenizer({"kind": "words", "vocabulary": ""})
+    with pytest.raises(ValueError, match="tokenizer.vocabulary = .*missing.txt"):
+        build_tokenizer({"kind": "words", "vocabulary": str(spiece_dir / "missing.txt")})
+
+
+# ------------------------------------------------------------------------------ word tokenizer
+
+
+def test_word_tokenizer_layout_and_round_trip():
+    tok = tokenizers.WordTokenizer(["a", "red", "circle", ",", "."])
+    assert (tok.vocab_size, tok.mask_id, tok.extra_id(1)) == (3 + 5 + 100, 8, 9)
+    ids = tok.encode(["a red circle, a blue circle."], 12)
+    # a red circle , a <unk> circle . EOS, then EOS padding
+    assert ids[0].tolist() == [3, 4, 5, 6, 3, 2, 5, 7, 1, 1, 1, 1]
+    assert tok.decode(ids) == ["a red circle, a <unk> circle."]
+    assert tok.decode(tok.encode(["a <extra_id_0> circle"], 6)) == ["a<extra_id_0> circle"]
+    assert tok.decode(tok.encode(["a <extra_id_0> circle"], 6), skip_extra_ids=True) == ["a circle"]
+    with pytest.raises(ValueError, match="one word or one punctuation mark"):
+        tokenizers.WordTokenizer(["top left"])
+    with pytest.raises(ValueError, match="repeated"):
+        tokenizers.WordTokenizer(["a", "a"])
+
+
+def test_word_vocabulary_file(tmp_path):
+    (tmp_path / "vocab.txt").write_text("a\nred\n\ncircle\n")
+    tok = build_tokenizer({"kind": "words", "vocabulary": str(tmp_path / "vocab.txt")})
+    assert tok.words == ("a", "red", "circle")
+
+
+def test_shapes_vocabulary_covers_every_shapes_text():
+    """Every text of every task encodes without unk and decodes back exactly, within 32 tokens."""
+    from unialignment_jax.data import shapes
+    from unialignment_jax.tasks import TASKS
+
+    tok = build_tokenizer({"kind": "words", "vocabulary": "shapes"})
+    longest = 0
+    for task in TASKS:
+        for i in range(150):
+            e = shapes.make_example(task, "train", i, 0, 3)
+            for text in (e.caption, e.instruction, e.question, f"{e.question} {e.caption}" if e.question else ""):
+                if not text:
+                    continue
+                ids = tok.tokenize(text)
+                assert tokenizers.UNK_ID not in ids, (task, text)
+                assert tok.decode(tok.encode([text], len(ids) + 1)) == [text]
+                longest = max(longest, len(ids))
+    assert longest < 32  # the demo's text_length holds every text and its EOS

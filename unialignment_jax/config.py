@@ -12,11 +12,12 @@ Validation imports the model package (and so jax): the CLI sets its XLA flags be
 from __future__ import annotations
 
 import json
-import os
 from typing import Sequence
 
 import ml_collections
 from ml_collections import ConfigDict
+
+from unialignment_jax import paths
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -71,6 +72,7 @@ def base_config() -> ConfigDict:
         preset="t5_xxl",  # t5_xxl | tiny (the demo's: d_model 64) | custom (then the sizes below are used)
         d_model=4096, num_layers=24, num_heads=64, d_kv=64, d_ff=10240, vocab_size=32128,
         relative_attention_num_buckets=32, relative_attention_max_distance=128, layer_norm_epsilon=1e-6,
+        relative_attention_bias_std=0.0,  # random init only; 0 = HF's d_model**-0.5
         mask_token_id=32099,  # the tokenizer's <extra_id_0> (byte tokenizer: 259); -1 = no mask row
         weights="",  # HF T5EncoderModel safetensors: a file, or a directory with an index json
         mask_embedding="",  # .npy / .safetensors file with the aligned <extra_id_0> row (official: from DD)
@@ -82,8 +84,9 @@ def base_config() -> ConfigDict:
         param_dtype="bfloat16",  # the frozen weights' storage; the mask row is always float32
     ))
     c.tokenizer = ConfigDict(dict(
-        kind="sentencepiece",  # sentencepiece (T5 spiece.model) | byte (needs no file)
-        path="",
+        kind="sentencepiece",  # sentencepiece (T5 spiece.model) | byte (needs no file) | words
+        path="",  # sentencepiece: the spiece.model file
+        vocabulary="",  # words: "shapes" (the Shapes world's tokens) or a file with one token per line
         pad_with="eos",  # eos (official: pad token = EOS) | pad (id 0)
     ))
     # Image codec: the SD3 VAE (models/vae.py) or the exact pixel codec (models/pixel_codec.py, which
@@ -190,8 +193,16 @@ def stage_names(config: ConfigDict) -> list[str]:
 # ------------------------------------------------------------------------------------- loading
 
 
+def split_spec(spec: str) -> tuple[str, str | None]:
+    """`path.py[:variant]` -> (path, variant or None); the path may be a URI (`gs://b/x.py:tiny`)."""
+    scheme, sep, rest = spec.partition("://") if "://" in spec else ("", "", spec)
+    file, colon, variant = rest.partition(":")
+    return scheme + sep + file, (variant if colon else None)
+
+
 def load(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
     """Load `path.py[:variant]` and apply `--config.a.b=v` overrides; returns the locked config.
+    The file may be a URI (`gs://bucket/exp.py:variant`, through etils epath: paths.py).
 
     Raises ConfigError naming the file or key on any problem.
     """
@@ -201,24 +212,28 @@ def load(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
     bad = [o for o in overrides if not o.startswith("--config.")]
     if bad:
         raise ConfigError(f"unknown argument {bad[0]!r} (config overrides look like --config.a.b=value)")
-    path = spec.split(":", 1)[0]
-    if not os.path.isfile(path):
+    path, variant = split_spec(spec)
+    if not paths.is_file(path):
         raise ConfigError(f"--config {spec}: cannot load ({path}: no such file)")
-    argv = ["unialignment", "--config", spec, *overrides]
-    fv = flags.FlagValues()
-    # sys_argv: config_flags pre-scans the argument list for override flags (default: sys.argv).
-    config_flags.DEFINE_config_file("config", None, "experiment config", flag_values=fv, lock_config=True,
-                                    sys_argv=argv)
-    try:
-        fv(argv)
-        config = fv.config
-    except flags.Error as e:
-        raise ConfigError(str(e)) from None
-    except (AttributeError, KeyError) as e:
-        key = next((o.split("=")[0] for o in overrides if str(e).strip("'\"") in o), "an override")
-        raise ConfigError(f"{key}: no such config key ({e})") from None
-    except (OSError, SyntaxError, ImportError, TypeError, ValueError) as e:
-        raise ConfigError(f"--config {spec}: cannot load ({str(e).splitlines()[0]})") from None
+    # A remote file (gs://...) is imported from a temporary local copy (Python imports local files).
+    with paths.local_copy(path) as local:
+        local_spec = local if variant is None else f"{local}:{variant}"
+        argv = ["unialignment", "--config", local_spec, *overrides]
+        fv = flags.FlagValues()
+        # sys_argv: config_flags pre-scans the argument list for override flags (default: sys.argv).
+        config_flags.DEFINE_config_file("config", None, "experiment config", flag_values=fv, lock_config=True,
+                                        sys_argv=argv)
+        named = lambda e: str(e).replace(local, path)  # messages name the file the user gave
+        try:
+            fv(argv)
+            config = fv.config
+        except flags.Error as e:
+            raise ConfigError(named(e)) from None
+        except (AttributeError, KeyError) as e:
+            key = next((o.split("=")[0] for o in overrides if str(e).strip("'\"") in o), "an override")
+            raise ConfigError(f"{key}: no such config key ({named(e)})") from None
+        except (OSError, SyntaxError, ImportError, TypeError, ValueError) as e:
+            raise ConfigError(f"--config {spec}: cannot load ({named(e).splitlines()[0]})") from None
     if not isinstance(config, ConfigDict):
         raise ConfigError(f"--config {spec}: get_config() must return an ml_collections.ConfigDict")
     validate(config)
@@ -353,6 +368,8 @@ def _validate_encoders(config: ConfigDict) -> None:
     resolved = t5.T5Config.from_config(te)
     _check(te.relative_attention_num_buckets % 4 == 0, "text_encoder.relative_attention_num_buckets",
            te.relative_attention_num_buckets, "must be a multiple of 4 (bidirectional exact + log buckets)")
+    bias_std = te.get("relative_attention_bias_std", 0.0)  # absent in the config.json of older runs
+    _check(bias_std >= 0, "text_encoder.relative_attention_bias_std", bias_std, "must be >= 0 (0 = HF's d_model**-0.5)")
     _check(te.layer_norm_epsilon > 0, "text_encoder.layer_norm_epsilon", te.layer_norm_epsilon, "must be positive")
     _check(isinstance(te.mask_token_id, int) and -1 <= te.mask_token_id < resolved.vocab_size,
            "text_encoder.mask_token_id", te.mask_token_id, f"must be -1 or an id below vocab_size {resolved.vocab_size}")
@@ -370,6 +387,8 @@ def _validate_encoders(config: ConfigDict) -> None:
     tok = config.tokenizer
     _check(tok.kind in TOKENIZER_KINDS, "tokenizer.kind", tok.kind, f"choose one of {TOKENIZER_KINDS}")
     _check(tok.pad_with in ("eos", "pad"), "tokenizer.pad_with", tok.pad_with, "choose 'eos' or 'pad'")
+    _check(tok.kind != "words" or bool(tok.get("vocabulary")), "tokenizer.vocabulary", tok.get("vocabulary"),
+           "the word tokenizer needs 'shapes' or a vocabulary file")
 
     cd = config.codec
     _check(cd.kind in ("vae", "pixel"), "codec.kind", cd.kind, "choose 'vae' or 'pixel'")

@@ -75,6 +75,16 @@ NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "
 SPLITS = ("train", "validation", "test")
 ATTR_DIM = len(KINDS) * len(ALL_COLOURS) * len(SIZES) * len(POSITIONS)  # 432
 CENTER = POSITIONS.index("center")
+# Every token of every Shapes text (captions, instructions, questions, answers) for the closed-vocabulary
+# word tokenizer (data/tokenizers.WordTokenizer, `tokenizer.vocabulary = "shapes"`); the order fixes
+# the ids. tests/test_tokenizers.py checks that generated texts of every task encode without unk.
+_TEMPLATE_WORDS = ("a", "the", "at", "and", "of", "is", "are", "there", "to", "image", "scene", "shape",
+                   "shapes", "colour", "size", "map", "segmentation", "depth", "near", "far", "nothing",
+                   "yes", "no", "many", "Make", "Move", "Remove", "Add", "Place", "Provide", "What", "Where",
+                   "How", "Is", "top", "bottom", "left", "right", "center")
+VOCABULARY = tuple(dict.fromkeys(
+    (",", ".", "?") + _TEMPLATE_WORDS + KINDS + COLOUR_NAMES + SIZES + NUMBER_WORDS
+    + tuple(str(j) for j in range(1, 10))))
 _RADIUS = {"small": 0.24, "large": 0.40}  # shape radius as a fraction of the cell size
 
 
@@ -604,5 +614,5 @@ def write_official(task: str, split: str, num_examples: int, out_dir: str, resol
 
 __all__ = ["KINDS", "COLOURS", "SIZES", "POSITIONS", "SPLITS", "Shape", "make_scene", "caption", "parse_caption",
            "refer", "render", "as_map", "parse_image", "score_scenes", "attribute_vector", "ShapesTeacher",
-           "ShapesExample", "make_example", "ShapesSource", "write_official", "official_row", "split_of",
+           "ShapesExample", "VOCABULARY", "make_example", "ShapesSource", "write_official", "official_row", "split_of",
            "random_scene", "shape_mask", "PERCEPTION_INSTRUCTIONS"]

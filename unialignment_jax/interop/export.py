@@ -26,7 +26,8 @@ What DIR holds (an SD3-style pipeline folder):
   tokenizer/tokenizer_config.json (+ spiece.model)
                                               the run's tokenizer: T5Tokenizer (sentencepiece) or
                                               ByT5Tokenizer (byte) settings, pad = EOS as in training,
-                                              max length = input.text_length
+                                              max length = input.text_length; the word tokenizer
+                                              (no HF class) writes its vocabulary there
   mask_token_emb.safetensors                  the `<extra_id_0>` embedding row the run's T5 used
                                               (key `mask_token_emb`, (d_model,) float32): from
                                               text_encoder.mask_embedding, else row mask_token_id of
@@ -154,13 +155,14 @@ def scheduler_config(config) -> dict:
 
 def tokenizer_config(config) -> dict:
     tok, te = config["tokenizer"], config["text_encoder"]
-    byte = tok["kind"] == "byte"
+    byte, words = tok["kind"] == "byte", tok["kind"] == "words"
     pad = "</s>" if tok["pad_with"] == "eos" else "<pad>"
-    return {
-        "tokenizer_class": "ByT5Tokenizer" if byte else "T5Tokenizer",
+    out = {
+        # The word tokenizer has no HF class with its layout: its vocabulary is written below.
+        "tokenizer_class": None if words else ("ByT5Tokenizer" if byte else "T5Tokenizer"),
         "model_max_length": int(config["input"]["text_length"]),
         "eos_token": "</s>", "unk_token": "<unk>", "pad_token": pad,
-        "extra_ids": 125 if byte else 100,
+        "extra_ids": 125 if byte else 100,  # words: 100 as T5
         "padding_side": "right", "truncation_side": "right",
         "unialignment": {
             "kind": tok["kind"], "pad_with": tok["pad_with"], "max_length": int(config["input"]["text_length"]),
@@ -169,6 +171,12 @@ def tokenizer_config(config) -> dict:
             "vocab_size": config["model"]["vocab_size"], "use_attention_mask": te["use_attention_mask"],
         },
     }
+    if words:
+        from unialignment_jax.data.tokenizers import load_vocabulary
+
+        out["unialignment"]["vocabulary"] = list(load_vocabulary(tok.get("vocabulary", "")))
+        out["unialignment"]["word_ids_start"] = 3  # pad 0, eos 1, unk 2, words, then the sentinels
+    return out
 
 
 def mask_token_row(config) -> tuple[np.ndarray | None, str]:

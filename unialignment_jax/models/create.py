@@ -6,11 +6,12 @@ Nothing is ever materialised on one device and resharded: a 2B model (or T5-XXL)
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Callable
 
 import jax
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from unialignment_jax.parallel import rules as rules_lib
 
@@ -32,12 +33,30 @@ def build_local(make: Callable[[], nnx.Module]) -> nnx.Module:
         return make()
 
 
+def divisible(shape: tuple, sharding: NamedSharding) -> NamedSharding:
+    """The sharding with every dimension that its mesh axes do not divide left unsplit.
+
+    Parameters must split evenly to be placed or restored (e.g. a 175-row vocabulary on tensor = 2,
+    or the official 32100-row text head on tensor = 8); such a dimension is replicated instead
+    (the other dimensions keep their axes) rather than failing the run.
+    """
+    spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+    sizes = dict(sharding.mesh.shape)
+    for i, axes in enumerate(spec):
+        names = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+        if shape[i] % math.prod(sizes[a] for a in names):
+            spec[i] = None
+    return NamedSharding(sharding.mesh, PartitionSpec(*spec), memory_kind=sharding.memory_kind)
+
+
 def abstract_state(make: Callable[[], nnx.Module], mesh: Mesh, rules):
-    """(graphdef, State of ShapeDtypeStructs carrying the NamedShardings the rules give)."""
+    """(graphdef, State of ShapeDtypeStructs carrying the NamedShardings the rules give; a dimension
+    the mesh does not divide is replicated: `divisible`)."""
     with sharding_context(mesh, rules), nnx.use_eager_sharding(False):
         graphdef, state = nnx.split(nnx.eval_shape(make))
         shardings = nnx.get_named_sharding(state, mesh)
-    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state, shardings)
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=divisible(s.shape, sh)),
+                            state, shardings)
     return graphdef, abstract
 
 
@@ -55,4 +74,4 @@ def param_count(state) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(state))
 
 
-__all__ = ["abstract_state", "create_sharded", "param_count", "sharding_context", "rules_lib"]
+__all__ = ["abstract_state", "create_sharded", "divisible", "param_count", "sharding_context", "rules_lib"]

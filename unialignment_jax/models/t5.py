@@ -73,6 +73,12 @@ class T5Config:
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128
     layer_norm_epsilon: float = 1e-6
+    # Random initialisation only (weights loaded from a checkpoint replace it): the std of the
+    # relative-position bias table; 0 = HF's d_model**-0.5. HF's value suits pretraining, but a
+    # frozen *random* stand-in (the demo's) then carries almost no position information (a bias of
+    # +-0.1 barely changes the attention), so the demo raises it to give the DiT's text stream the
+    # local order a pretrained T5's features carry.
+    relative_attention_bias_std: float = 0.0
     mask_token_id: int | None = 32099
     scan_layers: bool = True
     remat: str = "none"
@@ -184,7 +190,7 @@ class T5Encoder(nnx.Module):
             self.mask_embedding = nnx.Param(row, out_sharding=("embed",))
         else:
             self.mask_embedding = None
-        bias_init = nnx.with_partitioning(normal(d**-0.5), (None, "heads"))
+        bias_init = nnx.with_partitioning(normal(cfg.relative_attention_bias_std or d**-0.5), (None, "heads"))
         self.relative_attention_bias = nnx.Param(
             bias_init(rngs.params(), (cfg.relative_attention_num_buckets, cfg.num_heads), pdt))
 

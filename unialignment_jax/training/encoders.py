@@ -76,7 +76,7 @@ def abstract_frozen(config, mesh, rules) -> Frozen:
     from unialignment_jax.models.t5 import T5Encoder
     from unialignment_jax.models.vae import AutoencoderKL
 
-    have_file = config.tokenizer.kind == "byte" or os.path.exists(config.tokenizer.path)
+    have_file = config.tokenizer.kind != "sentencepiece" or os.path.exists(config.tokenizer.path)
     tokenizer = encoder_factories.build_tokenizer(config) if have_file else _AbstractTokenizer(config)
     t5_cfg = encoder_factories.t5_config(config)
     text_graphdef, text_state = create.abstract_state(lambda: T5Encoder(t5_cfg, rngs=nnx.Rngs(0)), mesh, rules)
