@@ -235,3 +235,17 @@ def test_export_to_and_import_from_a_bucket(bucket, request, tmp_path, monkeypat
     assert cli.main(["import", "--source", f"{bucket}/nothing", "--config", SPEC, "--workdir",
                      str(tmp_path / "never"), *run["overrides"]]) == 2
     assert f"{bucket}/nothing" in capsys.readouterr().err and not (tmp_path / "never").exists()
+
+
+def test_tokenizer_file_here_sees_bucket_files(bucket):
+    """inspect / bench build the real tokenizer when its file exists, also in a bucket."""
+    import ml_collections
+
+    from unialignment_jax.training.encoders import tokenizer_file_here
+
+    cfg = lambda kind, path="": ml_collections.ConfigDict({"tokenizer": {"kind": kind, "path": path}})
+    assert tokenizer_file_here(cfg("byte")) and tokenizer_file_here(cfg("words"))
+    assert not tokenizer_file_here(cfg("sentencepiece"))
+    assert not tokenizer_file_here(cfg("sentencepiece", f"{bucket}/spiece.model"))
+    epath.Path(f"{bucket}/spiece.model").write_bytes(b"x")
+    assert tokenizer_file_here(cfg("sentencepiece", f"{bucket}/spiece.model"))

@@ -29,7 +29,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unialignment_jax import paths
 from unialignment_jax import tasks as tasks_lib
 from unialignment_jax.data import pipeline
 from unialignment_jax.models import create, flops
@@ -52,8 +51,7 @@ def frozen_encoders(config, mesh, rules) -> encoders_lib.Frozen:
     """`encoders.build_frozen` (what the trainer uses); when the tokenizer's model file is not here
     (benchmark configs), the same encoders with the T5 token layout and the empty prompt encoded
     as EOS padding."""
-    tok = config.tokenizer
-    have_file = tok.kind != "sentencepiece" or (tok.path and paths.exists(tok.path))
+    have_file = encoders_lib.tokenizer_file_here(config)
     return encoders_lib.build_frozen(config, mesh, rules,
                                      tokenizer=None if have_file else encoders_lib._AbstractTokenizer(config))
 
@@ -223,7 +221,7 @@ def model_only_step(config, mesh, rules, task: str = "t2i", *, with_optimizer: b
 def _data_headroom(config, task: str, stage, step_examples_per_sec: float, seconds: float) -> dict:
     c = copy.deepcopy(config)
     note = None
-    if c.tokenizer.kind == "sentencepiece" and not (c.tokenizer.path and paths.exists(c.tokenizer.path)):
+    if not encoders_lib.tokenizer_file_here(c):
         c.tokenizer.kind = "byte"  # no tokenizer file here: byte tokens (tokenizing is a small part)
         note = "byte tokenizer (the config's tokenizer file is not here)"
     it = pipeline.make_train_iterator(c, task, "train", batch_size=stage.batch_size, resolution=stage.resolution)

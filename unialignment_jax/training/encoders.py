@@ -7,14 +7,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import os
-
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
 
+from unialignment_jax import paths
 from unialignment_jax.models import create
 from unialignment_jax.models import encoders as encoder_factories
 from unialignment_jax.models.t5 import eos_attention_mask
@@ -69,6 +68,13 @@ def build_frozen(config, mesh, rules, tokenizer=None) -> Frozen:
 
 
 
+def tokenizer_file_here(config) -> bool:
+    """Whether the tokenizer can be built here: byte and word tokenizers always (the "shapes"
+    vocabulary is built in); sentencepiece when its `tokenizer.path` (local or a URI) exists."""
+    tok = config.tokenizer
+    return tok.kind != "sentencepiece" or bool(tok.path and paths.exists(tok.path))
+
+
 def abstract_frozen(config, mesh, rules) -> Frozen:
     """The same as `build_frozen` with ShapeDtypeStructs instead of arrays (nothing allocated):
     for AOT compiles of the train step (`inspect --compile`) at sizes that do not fit here."""
@@ -76,15 +82,14 @@ def abstract_frozen(config, mesh, rules) -> Frozen:
     from unialignment_jax.models.t5 import T5Encoder
     from unialignment_jax.models.vae import AutoencoderKL
 
-    have_file = config.tokenizer.kind != "sentencepiece" or os.path.exists(config.tokenizer.path)
-    tokenizer = encoder_factories.build_tokenizer(config) if have_file else _AbstractTokenizer(config)
+    tokenizer = encoder_factories.build_tokenizer(config) if tokenizer_file_here(config) else _AbstractTokenizer(config)
     t5_cfg = encoder_factories.t5_config(config)
     text_graphdef, text_state = create.abstract_state(lambda: T5Encoder(t5_cfg, rngs=nnx.Rngs(0)), mesh, rules)
     if config.codec.kind == "pixel":
         codec_graphdef, codec_state = nnx.split(PixelCodec(config.input.latent_downsample))
     else:
         codec_cfg = config
-        if config.codec.weights and not os.path.exists(config.codec.weights):
+        if config.codec.weights and not paths.exists(config.codec.weights):
             # No weights here: the architecture from the config keys (SD3's by default).
             codec_cfg = ml_collections.ConfigDict({"codec": dict(config.codec.to_dict(), weights="")})
         vae_cfg = encoder_factories.vae_config(codec_cfg)
