@@ -5,18 +5,26 @@ The frozen text encoder is a stand-in (one T5 layer of width 4096 = model.contex
 T5-XXL does not fit a CPU benchmark, and the DiT's step is what is measured. The tokenizer file is
 not needed: `bench` feeds random token ids in the T5 layout (vocabulary 32100, mask 32099).
 
+The variant is the remat policy (default "dots": `jax.checkpoint_policies.checkpoint_dots`): every
+matmul output is saved, the elementwise work between matmuls is recomputed in the backward pass.
+No matmul runs twice (the MFU count is unchanged), and the scan no longer writes every norm,
+GELU and modulation intermediate of every layer to memory and reads it back, which is what an
+XLA:CPU step spends its non-matmul time on: 1.3-2x faster steps than "none" here (README).
+`experiments/bench_medium.py:none` is the unrematted step.
+
 Run (one plain CPU device, the CPU flag preset of launch/local.sh):
   UNIALIGNMENT_CPU_DEVICES=0 bash launch/local.sh bench --config experiments/bench_medium.py --compile_compare
   python benchmarks/torch_reference_step.py      # the same model and objective in PyTorch, ratio
+  python benchmarks/torch_reference_step.py --config experiments/bench_medium.py:none
 """
 
 from unialignment_jax.config import base_config
 
 
 def get_config(arg=None):
-    del arg
+    remat = arg or "dots"  # validated by config.validate (model.remat)
     c = base_config()
-    c.model.update(dict(num_layers=8, num_heads=6, head_dim=64, block_depth=4, remat="none", dtype="float32"))
+    c.model.update(dict(num_layers=8, num_heads=6, head_dim=64, block_depth=4, remat=remat, dtype="float32"))
     c.input.update(dict(resolution=256, latent_downsample=8, text_length=64))
     c.batch_size = 8
     c.mesh.update(dict(data=1, fsdp=-1, tensor=1))
