@@ -55,6 +55,17 @@ def test_scorer_is_low_on_noise(task):
     assert blank_scores.get("attr_acc", 0.0) == 0.0 and blank_scores.get("accuracy", 0.0) == 0.0
 
 
+def test_chance_is_another_scenes_ground_truth():
+    """The chance baseline: low (a right-form output of the wrong scene), not zero, and measured on
+    the same examples; one example has nothing to swap with and scores as its own ground truth."""
+    for task in ("t2i", "caption", "vqa"):
+        exs = _examples(task, 200)
+        level = S.chance(exs, 32)[S.PRIMARY[task]]
+        assert 0.02 < level < 0.2, (task, level)
+        assert S.chance(exs[:1], 32)[S.PRIMARY[task]] == 1.0
+    assert 0.05 < S.chance(_examples("perception", 50), 32)["map_mae"] < 0.3
+
+
 def test_scores_give_partial_credit_per_attribute():
     target = shapes.make_scene([shapes.Shape(0, "circle", "red", "large"), shapes.Shape(8, "square", "blue", "small")])
     wrong_colour = shapes.make_scene([shapes.Shape(0, "circle", "green", "large"), target[1]])
@@ -107,6 +118,10 @@ def test_val_loss_is_deterministic(run_dir):
     assert np.isfinite(a["t2i"]["image"]) and np.isfinite(a["vqa"]["text"]) and "image" not in a["vqa"]
     # The official x0-loss is sigma^2 |v - (noise - x0)|^2: it grows with sigma for a random model.
     assert np.all(np.diff(a["t2i"]["image_levels"]) > 0)
+    # Captions paired with another example's image: a different (finite) text loss, per level.
+    for task in ("t2i", "vqa"):
+        assert len(a[task]["text_shuffled_levels"]) == val_loss.NUM_LEVELS
+        assert np.isfinite(a[task]["text_shuffled"]) and a[task]["text_shuffled"] != a[task]["text"]
 
 
 def test_evaluate_shapes_suite_json(run_dir, tmp_path, capsys):

@@ -103,7 +103,8 @@ def run(args, config=None) -> int:
         scores = val_loss.evaluate(run_, run_.params, tasks, limit=args.limit or 256,
                                    batch_size=args.batch, seed=args.seed)
         result["scores"] = scores
-        table = format_table(["task", "image_loss", "text_loss", "n"], val_loss.table_rows(scores))
+        table = format_table(["task", "image_loss", "text_loss", "text_loss_other_image", "n"],
+                             val_loss.table_rows(scores))
         out_dir = args.out or paths.join(args.workdir, "eval", "val_loss" + suffix)
     elif args.suite == "shapes":
         from unialignment_jax.evaluation import shapes_bench
@@ -118,7 +119,7 @@ def run(args, config=None) -> int:
                               "shift": settings.shift, "text_steps": settings.text_steps, "split": args.split,
                               "seed": settings.seed}
         result["scores"] = scores
-        table = format_table(["task", "metric", "score", "n", "also"], shapes_bench.table_rows(scores))
+        table = format_table(["task", "metric", "score", "chance", "n", "also"], shapes_bench.table_rows(scores))
     else:
         from unialignment_jax.evaluation import semgen
 

@@ -6,7 +6,8 @@ run's `data.shapes_seed` and `input.num_compose_refs`) are rendered at the run's
 sampled with the official settings unless overridden (images: 50 Euler steps, guidance 7, shift
 3; texts: 32 steps). The suite reports, per task, the mean of every score; the headline of each
 task is `shapes_scores.PRIMARY` (t2i / compose / caption: attribute accuracy; edit: exact; perception:
-map error; vqa: answer accuracy). With an output directory it also writes one PNG grid per image
+map error; vqa: answer accuracy), next to `chance`: the same score of another example's ground
+truth (`shapes_scores.chance`), what a model that ignores its input gets. With an output directory it also writes one PNG grid per image
 task (rows: condition images, sample, target) and the texts as JSONL; the directory may be a URI
 (`gs://...`, through etils epath: unialignment_jax/paths.py), each file written whole.
 """
@@ -77,9 +78,10 @@ def evaluate(run, params, *, tasks=TASKS, split: str = "test", limit: int = 64, 
     for task in tasks:
         exs = examples(run.config, task, split, limit)
         outputs, scores = run_task(sampler, params, task, exs, settings)
+        key = shapes_scores.PRIMARY[task]
         results[task] = shapes_scores.aggregate(scores)
-        log(f"shapes/{task}: {shapes_scores.PRIMARY[task]} = {results[task][shapes_scores.PRIMARY[task]]:.3f} "
-            f"(n = {len(exs)})")
+        results[task]["chance"] = shapes_scores.chance(exs, sampler.resolution)[key]
+        log(f"shapes/{task}: {key} = {results[task][key]:.3f} (chance {results[task]['chance']:.3f}, n = {len(exs)})")
         if out_dir:
             epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
             if task in ("caption", "vqa"):
@@ -102,5 +104,5 @@ def table_rows(results: dict) -> list[list]:
         key = shapes_scores.PRIMARY[task]
         extras = [f"{k}={r[k]:.3f}" for k in ("exact", "object_acc", "relation", "edit_success", "preserved",
                                               "label_acc") if k in r and k != key]
-        rows.append([task, key, r[key], r["n"], " ".join(extras)])
+        rows.append([task, key, r[key], r.get("chance", float("nan")), r["n"], " ".join(extras)])
     return rows

@@ -25,12 +25,15 @@ caption, the exact answer).
                  text is the exact caption.
   vqa            `accuracy` = the answer equals the reference (case and a final period ignored);
                  also reported per question kind (`acc/colour`, `acc/count`, ...).
+
+`chance` scores the ground truth of another example (right form, wrong scene): the level a model
+that ignores its prompt, image or question reaches.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -163,6 +166,14 @@ def ground_truth(example: shapes.ShapesExample, resolution: int):
     return shapes.render(example.target, resolution)
 
 
+def chance(examples: Sequence[shapes.ShapesExample], resolution: int) -> dict[str, float]:
+    """The scores of a model that ignores its input: each example gets the ground-truth output of the
+    next one (a perfect image or text, of the wrong scene). The level "above chance" is measured
+    against. With fewer than two examples, that example's own output: there is nothing to swap."""
+    n = len(examples)
+    return aggregate(score_example(e, ground_truth(examples[(i + 1) % n], resolution)) for i, e in enumerate(examples))
+
+
 def aggregate(scores: Iterable[Mapping[str, float]]) -> dict[str, float]:
     """Means of every key over the examples that report it, and `n` (the number of examples)."""
     scores = list(scores)
@@ -177,5 +188,5 @@ def primary(task: str) -> str:
 
 
 __all__ = ["scene_scores", "score_image", "score_edit", "score_perception", "score_caption", "score_vqa",
-           "score_example", "ground_truth", "aggregate", "parse_caption_lenient", "primary", "PRIMARY"]
+           "score_example", "ground_truth", "chance", "aggregate", "parse_caption_lenient", "primary", "PRIMARY"]
 

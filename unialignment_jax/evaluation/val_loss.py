@@ -6,7 +6,11 @@ that curves are comparable across runs and checkpoints; the text (masked-diffusi
 fixed t = (k + 0.5) / K with fixed masks. Everything else is the training objective itself
 (`objectives.unified.dual_stream_loss` with the image and text terms, weight 1 each, explicit draws,
 no CFG dropout), so the numbers are the `loss/image` and `loss/text` of training, conditioned on
-the level. Noise and masks are drawn per example from (seed, example index, level): the result
+the level.
+
+`text_shuffled` is the same text loss with each caption paired with the next example's image (the
+batch's images rolled by one; same masks): how much the understanding branch reads the image. A text
+head that ignores the image scores the same on both; the gap is what the image tells it. Noise and masks are drawn per example from (seed, example index, level): the result
 does not depend on the batch size. Images are encoded with the codec's posterior mean.
 
 Data: the `validation` split of each task's configured sources (`data/pipeline.make_eval_iterator`;
@@ -35,7 +39,8 @@ def objective_options(config, tokenizer):
 
 
 def build_eval_fn(run, task: str, k: int):
-    """jit-able (params, text_state, codec_state, batch, indices, seed) -> {'image': (K,), 'text': (K,)}."""
+    """jit-able (params, text_state, codec_state, batch, indices, seed)
+    -> {'image': (K,), 'text': (K,), 'text_shuffled': (K,)}."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -80,21 +85,26 @@ def build_eval_fn(run, task: str, k: int):
             draws["text_mask"] = text_diffusion.mask_from_uniform(u, t, eps=options.text_noise_eps,
                                                                   prefix_len=batch.get("prefix_len"))
             model = nnx.merge(graphdef, params)
-            _, metrics = unified.dual_stream_loss(
+            loss = lambda batch, weights: unified.dual_stream_loss(
                 model, frozen.text_encoder(text_state), batch, None, task=task,
                 null_features=run.frozen.arrays["null_features"], mask_id=mask_id, weights=weights,
-                options=options, draws=draws)
-            return (metrics.get("loss/image", jnp.float32(jnp.nan)), metrics["loss/text"])
+                options=options, draws=draws)[1]
+            metrics = loss(batch, weights)
+            # The text pass sees only the target latent: rolling it pairs every caption with another image.
+            shuffled = dict(batch, target_latents=jnp.roll(x0, 1, axis=0))
+            text_only = unified.LossWeights(image=0.0, text=1.0, contrastive=0.0, align_image=0.0, align_text=0.0)
+            return (metrics.get("loss/image", jnp.float32(jnp.nan)), metrics["loss/text"],
+                    loss(shuffled, text_only)["loss/text"])
 
-        image, text = jax.lax.map(one_level, jnp.arange(k))
-        return {"image": image, "text": text}
+        image, text, text_shuffled = jax.lax.map(one_level, jnp.arange(k))
+        return {"image": image, "text": text, "text_shuffled": text_shuffled}
 
     return fn
 
 
 def evaluate(run, params, tasks, *, limit: int = 256, batch_size: int = 0, seed: int = 0,
              k: int = NUM_LEVELS) -> dict:
-    """{task: {'image': mean, 'text': mean, 'image_levels': [...], 'text_levels': [...], 'n': examples}}."""
+    """{task: {'image': mean, 'text': mean, 'text_shuffled': mean, '<key>_levels': [...] for each, 'n': examples}}."""
     import jax
     from jax.sharding import NamedSharding, PartitionSpec
 
@@ -110,7 +120,7 @@ def evaluate(run, params, tasks, *, limit: int = 256, batch_size: int = 0, seed:
         it = pipeline.make_eval_iterator(config, task, split="validation", batch_size=b, process_index=0,
                                          process_count=1)
         fn = jax.jit(build_eval_fn(run, task, k), out_shardings=NamedSharding(mesh, PartitionSpec()))
-        sums = {"image": np.zeros(k), "text": np.zeros(k)}
+        sums = {"image": np.zeros(k), "text": np.zeros(k), "text_shuffled": np.zeros(k)}
         n = 0
         while n + b <= max(limit, b):
             try:
@@ -131,7 +141,7 @@ def evaluate(run, params, tasks, *, limit: int = 256, batch_size: int = 0, seed:
         if n == 0:
             raise ValueError(f"val_loss: no {task} validation batch of {b} examples (limit {limit})")
         r = {"n": n, "sigmas": levels(k).tolist()}
-        for key in ("image", "text"):
+        for key in sums:
             per = sums[key] / n
             if np.all(np.isnan(per)):
                 continue
@@ -153,5 +163,6 @@ def _put(x, mesh):
 def table_rows(results: dict) -> list[list]:
     rows = []
     for task, r in results.items():
-        rows.append([task, r.get("image", float("nan")), r.get("text", float("nan")), r["n"]])
+        rows.append([task, r.get("image", float("nan")), r.get("text", float("nan")),
+                     r.get("text_shuffled", float("nan")), r["n"]])
     return rows
