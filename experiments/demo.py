@@ -85,6 +85,9 @@ def get_config(arg=None):
                          "combine with commas: long,no_align)")
     if "tiny" in variants:
         c.model.num_layers, c.model.block_depth = 2, 1
+        # Tests run this on 2-process simulated-device meshes, where the XLA:CPU collective
+        # schedule is fragile (STACK.md); the rematted step there is left to the remat tests.
+        c.model.remat = "none"
         c.log_every, c.checkpoint_every = 2, 4
         c.batch_size = 8
         for name, steps in zip(c.stages.keys(), (4, 4, 4)):

@@ -37,7 +37,8 @@ OVERRIDES = ["--config.stages.generation.steps=2", "--config.stages.editing.step
 def run_dir(tmp_path_factory):
     """A tiny run trained 4 steps (checkpoints at 2 and 4, EMA on), with a mask-token row file."""
     root = tmp_path_factory.mktemp("export")
-    row = np.random.default_rng(0).standard_normal(64).astype(np.float32)
+    width = int(config_lib.load(SPEC).text_encoder.d_model)  # the mask row is one T5 embedding row
+    row = np.random.default_rng(0).standard_normal(width).astype(np.float32)
     np.save(root / "mask_row.npy", row)
     workdir = root / "run"
     overrides = OVERRIDES + [f"--config.text_encoder.mask_embedding={root / 'mask_row.npy'}"]

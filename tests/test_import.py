@@ -28,13 +28,13 @@ from unialignment_jax.models.mmdit import DiTConfig, UniAlignmentDiT  # noqa: E4
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPEC = f"{ROOT}/experiments/demo.py:tiny"
-# The demo's tiny model (2 blocks, width 128, patch 1, T5 width 64, pixel-codec channels 48) with SD3's
+# The demo's tiny model (2 blocks, width 128, patch 1, T5 width 256, pixel-codec channels 48) with SD3's
 # 256-d timestep sinusoid, computed exactly as diffusers does (no float16 rounding).
 OVERRIDES = ["--config.model.timestep_dim=256", "--config.model.timestep_fp16_round=False",
              "--config.stages.generation.steps=1", "--config.stages.editing.steps=1",
              "--config.stages.unified.steps=1", "--config.checkpoint_every=3"]
 SD3_ARGS = dict(sample_size=8, patch_size=1, in_channels=48, num_layers=2, attention_head_dim=32,
-                num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=128, pooled_projection_dim=32,
+                num_attention_heads=4, joint_attention_dim=256, caption_projection_dim=128, pooled_projection_dim=32,
                 out_channels=48, pos_embed_max_size=12)
 
 
@@ -102,7 +102,7 @@ def test_sd3_import_matches_diffusers_and_reports(sd3_run):
     hooks = [b.register_forward_hook(lambda m, i, o: captured.append(o)) for b in sd3.transformer_blocks]
     rng = np.random.default_rng(0)
     latents = rng.standard_normal((2, 6, 8, 48)).astype(np.float32)  # a non-square grid: the table's crop
-    context = rng.standard_normal((2, 7, 64)).astype(np.float32)
+    context = rng.standard_normal((2, 7, SD3_ARGS["joint_attention_dim"])).astype(np.float32)
     t = np.array([731.0, 12.0], np.float32)
     with torch.no_grad():
         theirs = sd3(hidden_states=torch.from_numpy(latents.transpose(0, 3, 1, 2).copy()),
