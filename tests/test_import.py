@@ -20,6 +20,7 @@ pytest.importorskip("diffusers")
 
 from tests.test_export import restored  # noqa: E402
 from unialignment_jax import cli  # noqa: E402
+from unialignment_jax import config as config_lib  # noqa: E402
 from unialignment_jax.interop import convert, export, import_weights, sd3_names, streaming  # noqa: E402
 from unialignment_jax.interop.convert import CheckpointMismatch  # noqa: E402
 from unialignment_jax.interop.safetensors_io import Checkpoint, CheckpointFormatError  # noqa: E402
@@ -28,13 +29,14 @@ from unialignment_jax.models.mmdit import DiTConfig, UniAlignmentDiT  # noqa: E4
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPEC = f"{ROOT}/experiments/demo.py:tiny"
-# The demo's tiny model (2 blocks, width 128, patch 1, T5 width 256, pixel-codec channels 48) with SD3's
+# The demo's tiny model (2 blocks, width 128, patch 1, T5 width 64, pixel-codec channels 48) with SD3's
 # 256-d timestep sinusoid, computed exactly as diffusers does (no float16 rounding).
 OVERRIDES = ["--config.model.timestep_dim=256", "--config.model.timestep_fp16_round=False",
              "--config.stages.generation.steps=1", "--config.stages.editing.steps=1",
              "--config.stages.unified.steps=1", "--config.checkpoint_every=3"]
 SD3_ARGS = dict(sample_size=8, patch_size=1, in_channels=48, num_layers=2, attention_head_dim=32,
-                num_attention_heads=4, joint_attention_dim=256, caption_projection_dim=128, pooled_projection_dim=32,
+                num_attention_heads=4, joint_attention_dim=int(config_lib.load(SPEC).model.context_dim),
+                caption_projection_dim=128, pooled_projection_dim=32,
                 out_channels=48, pos_embed_max_size=12)
 
 
