@@ -7,8 +7,9 @@ sampled with the official settings unless overridden (images: 50 Euler steps, gu
 3; texts: 32 steps). The suite reports, per task, the mean of every score; the headline of each
 task is `shapes_scores.PRIMARY` (t2i / compose / caption: attribute accuracy; edit: exact; perception:
 map error; vqa: answer accuracy), next to `chance`: the same score of another example's ground
-truth (`shapes_scores.chance`), what a model that ignores its input gets. With an output directory it also writes one PNG grid per image
-task (rows: condition images, sample, target) and the texts as JSONL; the directory may be a URI
+truth (`shapes_scores.chance`), what a model that ignores its input gets. With an output directory
+it also writes one PNG grid per image task (rows: condition images, sample, target) and the texts
+as JSONL; the directory may be a URI
 (`gs://...`, through etils epath: unialignment_jax/paths.py), each file written whole.
 """
 

@@ -6,12 +6,12 @@ that curves are comparable across runs and checkpoints; the text (masked-diffusi
 fixed t = (k + 0.5) / K with fixed masks. Everything else is the training objective itself
 (`objectives.unified.dual_stream_loss` with the image and text terms, weight 1 each, explicit draws,
 no CFG dropout), so the numbers are the `loss/image` and `loss/text` of training, conditioned on
-the level.
+the level. Noise and masks are drawn per example from (seed, example index, level): the result
+does not depend on the batch size. Images are encoded with the codec's posterior mean.
 
 `text_shuffled` is the same text loss with each caption paired with the next example's image (the
-batch's images rolled by one; same masks): how much the understanding branch reads the image. A text
-head that ignores the image scores the same on both; the gap is what the image tells it. Noise and masks are drawn per example from (seed, example index, level): the result
-does not depend on the batch size. Images are encoded with the codec's posterior mean.
+batch's images rolled by one; same masks): how much the understanding branch reads the image. A
+text head that ignores the image scores the same on both; the gap is what the image tells it.
 
 Data: the `validation` split of each task's configured sources (`data/pipeline.make_eval_iterator`;
 held-out Shapes scenes for the demo), the first `limit` examples (rounded down to whole batches).
