@@ -165,7 +165,7 @@ def main():
                            for i in range(b)])
         rows = []
         for steps in [int(s) for s in args.text_steps.split(",")]:
-            settings = pipeline.Settings(text_steps=steps)
+            settings = pipeline.Settings(text_steps=steps, text_order="random")  # the official ddpm_cache
             run = lambda cache: sampler.describe_ids(params, "caption", images, settings=settings, use_cache=cache)
             ids_c, _, calls_c = run(True)
             ids_u, _, calls_u = run(False)

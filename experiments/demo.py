@@ -40,6 +40,9 @@ _VOCAB = WordTokenizer(VOCABULARY)  # 72 Shapes tokens + specials + 100 sentinel
 _VOCAB_ROWS = -(-_VOCAB.vocab_size // 16) * 16
 
 DEMO_STEPS = (400, 300, 300)
+# The caption task's given question (input.caption_prompt; official: none). Its 4 tokens (with EOS)
+# and the longest caption's 28 (with EOS) fill the 32-token text exactly.
+CAPTION_PROMPT = "What shapes?"
 _T5_WIDTH = 256
 
 
@@ -58,7 +61,8 @@ def get_config(arg=None):
         timestep_dim=64, num_null_tokens=8, block_depth=2,
         adapter_hidden=128, adapter_out=64,  # the Shapes teacher's width
     ))
-    c.input.update(dict(resolution=32, latent_downsample=4, text_length=32, num_compose_refs=3))
+    c.input.update(dict(resolution=32, latent_downsample=4, text_length=32, num_compose_refs=3,
+                        caption_prompt=CAPTION_PROMPT))
     c.text_encoder.update(dict(preset="custom", d_model=_T5_WIDTH, num_layers=2, num_heads=16,
                                d_kv=_T5_WIDTH // 16, d_ff=2 * _T5_WIDTH,
                                vocab_size=_VOCAB_ROWS, mask_token_id=_VOCAB.mask_id,

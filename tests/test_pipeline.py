@@ -1,5 +1,5 @@
 """Grain pipelines: exact resume (get/set_state and Orbax), per-host shards, mixtures, corrupt records
-skipped and counted, worker processes, global arrays, and the trainer's entry point."""
+skipped and counted, worker processes, global arrays, the trainer's entry point and the caption prompt."""
 
 import io
 import json
@@ -225,6 +225,26 @@ def test_train_iterator_batches_match_the_batch_format():
     assert P.data_config(config)["t2i"] == "shapes"
     with pytest.raises(ValueError, match="divisible"):
         P.make_train_iterator(config, "t2i", process_index=0, process_count=3)
+
+
+def test_caption_prompt_is_the_caption_tasks_given_prefix():
+    """input.caption_prompt goes before caption-task captions (prefix_len = its tokens with EOS);
+    the t2i text pass keeps the bare caption (official); "" (the default) gives no prefix."""
+    config = small_config()
+    tok = build_tokenizer(config.tokenizer)
+    plain = next(P.make_train_iterator(config, "caption", process_index=0, process_count=1))
+    assert (plain["prefix_len"] == 0).all()
+    config.input.caption_prompt = "Describe the image."
+    prompt = tok.encode(["Describe the image."], 128)[0]
+    n = int(np.flatnonzero(prompt == tok.eos_id)[0]) + 1
+    batch = next(P.make_train_iterator(config, "caption", process_index=0, process_count=1))
+    assert (batch["prefix_len"] == n).all()
+    np.testing.assert_array_equal(batch["caption_ids"][:, :n], np.repeat(prompt[None, :n], 4, 0))
+    # the same examples (same seed): the caption follows the prompt (a truncated one still ends in EOS)
+    np.testing.assert_array_equal(batch["caption_ids"][:, n:-1], plain["caption_ids"][:, :127 - n])
+    assert (batch["caption_ids"][:, -1] == tok.eos_id).all()
+    t2i = next(P.make_train_iterator(config, "t2i", process_index=0, process_count=1))
+    assert (t2i["prefix_len"] == 0).all()
 
 
 def test_data_config_is_checked_before_training(tmp_path):

@@ -1,11 +1,12 @@
 """The samplers (sampling/) on the tiny demo model on 8 simulated devices (mesh data=2 x fsdp=4):
 the sigma grid and Euler steps against diffusers' scheduler, output shapes, determinism by seed,
-guidance 1 = the conditional sampler, the text sampler's cache = the uncached loop, the VQA prefix,
-the `sample` command (outputs and exit code 2 on bad input) and the in-training hook.
+guidance 1 = the conditional sampler, the text sampler's cache = the uncached loop, the VQA prefix and
+the caption prompt, the `sample` command (outputs and exit code 2 on bad input) and the in-training hook.
 
 The DiT's parameters are random, perturbed away from the AdaLN-Zero init (whose zero image head
 would make every image sampler output prompt-independent)."""
 
+import dataclasses
 import os
 
 import jax
@@ -65,15 +66,16 @@ def write_run(workdir, config, params):
 
 @pytest.fixture(scope="module")
 def tiny(repo_root):
-    config = config_lib.load(f"{repo_root}/experiments/demo.py:tiny")
+    config_path = f"{repo_root}/experiments/demo.py:tiny"
+    config = config_lib.load(config_path)
     mesh = mesh_lib.make_mesh(config.mesh)
     rules = rules_lib.get_rules(config.sharding.rules)
     assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
     frozen = encoders_lib.build_frozen(config, mesh, rules)
     graphdef, params = perturbed_params(config, mesh, rules)
     sampler = pipeline.Sampler(config, mesh, rules, frozen, graphdef)
-    return dict(config=config, mesh=mesh, rules=rules, frozen=frozen, graphdef=graphdef, params=params,
-                sampler=sampler)
+    return dict(config=config, config_path=config_path, mesh=mesh, rules=rules, frozen=frozen, graphdef=graphdef,
+                params=params, sampler=sampler)
 
 
 # ----------------------------------------------------------------------------- schedule, Euler
@@ -196,18 +198,62 @@ def test_masked_diffusion_loop_with_a_fixed_denoiser():
     assert set(out[0, 3:]) | set(out[1, 1:]) <= {0, 1, 2}
 
 
-def test_text_sampler_cache_equals_uncached_loop(tiny):
+def chain_denoiser(mask, vocab):
+    """A denoiser that knows a position only next to a known one: after a known token v it predicts
+    v + 1 (mod vocab - 1) with log-prob about -0.01; elsewhere a flat guess (about -2.0)."""
+    def denoise(x):
+        prev = jnp.concatenate([jnp.full_like(x[:, :1], mask), x[:, :-1]], axis=1)
+        nxt = (prev + 1) % (vocab - 1)
+        sure = jax.nn.one_hot(nxt, vocab) * 10.0
+        logits = jnp.where((prev != mask)[..., None], sure, jnp.zeros(x.shape + (vocab,)))
+        return text_diffusion.subs_log_probs(logits, x, mask)
+    return denoise
+
+
+def test_confidence_order_grows_from_the_anchor():
+    """The confidence order fills the position next to what is known first, so a chain grows from
+    the prefix (3, 4, 5, ...); the official random order places guesses anywhere. Every free
+    position ends filled, the given ones are copied, and caching changes nothing."""
+    mask, vocab, length = 9, 10, 10
+    denoise = chain_denoiser(mask, vocab)
+    prefix = jnp.array([[2] + [0] * 9, [6, 7] + [0] * 8], jnp.int32)
+    x0 = text_lib.prefix_init(prefix, jnp.array([1, 2]), mask)
+    keys = text_lib.example_keys(jnp.uint32(0), jnp.arange(2))
+    run = jax.jit(text_lib.confidence_sample, static_argnums=(0, 3, 4, 6))
+    out, calls = run(denoise, x0, keys, length, mask, True, 0.0)
+    np.testing.assert_array_equal(out, [[2, 3, 4, 5, 6, 7, 8, 0, 1, 2], [6, 7, 8, 0, 1, 2, 3, 4, 5, 6]])
+    plain, calls_u = run(denoise, x0, keys, length, mask, False, 0.0)
+    np.testing.assert_array_equal(plain, out)
+    assert int(calls_u) == length and int(calls) < length  # row 1 (8 free) skips some of the 10 steps
+    # fewer steps than free positions: several per step, still every one filled, most confident first
+    few, _ = run(denoise, x0, keys, 3, mask, True, 0.0)
+    few = np.asarray(few)
+    assert not (few == mask).any() and few[0, :2].tolist() == [2, 3] and few[1, :3].tolist() == [6, 7, 8]
+    # a temperature draws: seeds differ, the given prefix stays
+    hot_a, _ = run(denoise, x0, keys, length, mask, True, 50.0)
+    hot_b, _ = run(denoise, x0, text_lib.example_keys(jnp.uint32(1), jnp.arange(2)), length, mask, True, 50.0)
+    assert (np.asarray(hot_a) != np.asarray(hot_b)).any() and np.asarray(hot_b)[1, :2].tolist() == [6, 7]
+    rand, _ = jax.jit(text_lib.masked_diffusion_sample, static_argnums=(0, 3, 4))(denoise, x0, keys, length, mask)
+    assert (np.asarray(rand) != np.asarray(out)).any()
+
+
+@pytest.mark.parametrize("order,temperature,uncached_calls", [("random", 0.0, 41), ("confidence", 1.0, 40)])
+def test_text_sampler_cache_equals_uncached_loop(tiny, order, temperature, uncached_calls):
+    """Both orders on the tiny model: cached = uncached, fewer model calls, nothing left masked, the
+    same seed gives the same text and another seed another (the confidence order's draws at
+    temperature 1; at 0 it is deterministic)."""
     s, params = tiny["sampler"], tiny["params"]
     images = np.stack([shapes.render(shapes.make_example("caption", "validation", i).target, 32) for i in range(3)])
-    settings = pipeline.Settings(text_steps=40)  # more steps than tokens: many steps change nothing
+    # more steps than tokens: many steps change nothing
+    settings = pipeline.Settings(text_steps=40, text_order=order, text_temperature=temperature)
     ids_c, _, calls_c = s.describe_ids(params, "caption", images, settings=settings, use_cache=True)
     ids_u, _, calls_u = s.describe_ids(params, "caption", images, settings=settings, use_cache=False)
     np.testing.assert_array_equal(ids_c, ids_u)
-    assert calls_u == 41 and calls_c < calls_u
+    assert calls_u == uncached_calls and calls_c < calls_u
     assert not (ids_c == tiny["frozen"].tokenizer.mask_id).any()
     again, _, _ = s.describe_ids(params, "caption", images, settings=settings)
     np.testing.assert_array_equal(again, ids_c)
-    other, _, _ = s.describe_ids(params, "caption", images, settings=pipeline.Settings(text_steps=40, seed=3))
+    other, _, _ = s.describe_ids(params, "caption", images, settings=dataclasses.replace(settings, seed=3))
     assert (other != ids_c).any()
 
 
@@ -225,6 +271,33 @@ def test_vqa_keeps_its_question_prefix(tiny):
     assert len(s.decode(ids, prefix_len)) == 3
     with pytest.raises(ValueError, match="one question per image"):
         s.describe_ids(params, "vqa", images, questions[:2], settings=STEPS)
+
+
+def test_caption_prompt_is_a_given_prefix(tiny):
+    """The demo's input.caption_prompt is given like a VQA question (copied, dropped from the decoded
+    caption); with caption_prompt "" (official) the caption is sampled from an all-MASK sequence."""
+    s, params, tok = tiny["sampler"], tiny["params"], tiny["frozen"].tokenizer
+    prompt = tiny["config"].input.caption_prompt
+    assert prompt
+    images = np.stack([shapes.render(shapes.make_example("caption", "validation", i).target, 32) for i in range(2)])
+    ids, prefix_len, _ = s.describe_ids(params, "caption", images, settings=STEPS)
+    want = tok.encode([prompt], 32)[0]
+    n = pipeline.num_tokens(want, tok.eos_id)
+    assert list(prefix_len) == [n, n]
+    np.testing.assert_array_equal(ids[:, :n], np.repeat(want[None, :n], 2, 0))
+    texts = s.describe(params, "caption", images, settings=STEPS)
+    assert texts == s.decode(ids, prefix_len) and not any(t.startswith(prompt) for t in texts)
+
+    official = config_lib.load(f"{tiny['config_path']}")
+    official.input.caption_prompt = ""
+    plain = pipeline.Sampler(official, tiny["mesh"], tiny["rules"], tiny["frozen"], tiny["graphdef"])
+    ids0, prefix0, _ = plain.describe_ids(params, "caption", images, settings=STEPS)
+    assert list(prefix0) == [0, 0] and not (ids0 == tok.mask_id).any()
+
+    official.input.caption_prompt = " ".join(["What shapes?"] * 11)  # 33 tokens: nothing left to sample
+    with pytest.raises(ValueError, match="input.caption_prompt fills the whole 32-token text"):
+        pipeline.Sampler(official, tiny["mesh"], tiny["rules"], tiny["frozen"], tiny["graphdef"]).describe_ids(
+            params, "caption", images, settings=STEPS)
 
 
 # -------------------------------------------------------------------------------- the commands

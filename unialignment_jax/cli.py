@@ -125,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--seed", type=int, default=0, help="sampling seed")
             p.add_argument("--shift", type=float, default=3.0,
                            help="timestep shift of the image sampler's sigma grid (official: 3.0, as SD3)")
+            p.add_argument("--text_order", default="confidence", choices=["confidence", "random"],
+                           help="text sampler's unmasking order: most confident positions first (default) or "
+                                "random (official ddpm_cache)")
+            p.add_argument("--temperature", type=float, default=0.0,
+                           help="text sampler, confidence order: temperature of its draws (0: argmax)")
         if name == "sample":
             from unialignment_jax.tasks import TASKS  # no jax import
 

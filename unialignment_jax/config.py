@@ -65,6 +65,13 @@ def base_config() -> ConfigDict:
         latent_downsample=8,
         text_length=256,
         num_compose_refs=3,
+        # The caption task's fixed question: given before the caption in its text pass and in the
+        # caption sampler, never masked nor scored (as VQA's question). Official: "" (captions are
+        # sampled from an all-MASK sequence, and T2I / edit text passes always train without one).
+        # The DiT's text stream has no positions of its own and T5's are relative, so an all-MASK
+        # start gives every position the same prediction; a prompt is an anchor the caption's
+        # positions are read from (experiments/demo.py measures both).
+        caption_prompt="",
     ))
 
     # Frozen text encoder (T5 v1.1 encoder; models/t5.py). Random weights unless `weights` is set.
@@ -283,6 +290,7 @@ def validate(config: ConfigDict) -> None:
 
     inp = config.input
     _positive_ints(inp, "input", ("resolution", "latent_downsample", "text_length", "num_compose_refs"))
+    _check(isinstance(inp.caption_prompt, str), "input.caption_prompt", inp.caption_prompt, "must be a string")
     latent = inp.resolution // inp.latent_downsample
     _check(inp.resolution % inp.latent_downsample == 0 and latent % m.patch_size == 0, "input.resolution",
            inp.resolution, f"must be a multiple of latent_downsample * patch_size = {inp.latent_downsample * m.patch_size}")

@@ -12,8 +12,9 @@ Grain pipeline, global jax arrays in the train step):
   prompt_ids     (B, L) int32  image-pass text: the T2I prompt, or the edit/perception/compose
                                instruction (absent for caption/vqa)
   caption_ids    (B, L) int32  text-pass target: the caption; for vqa the question then the answer
-  prefix_len     (B,) int32    vqa: leading caption_ids tokens (the question, with its EOS) that
-                               are given, never masked and never scored; 0 otherwise
+                               (caption with input.caption_prompt: that prompt, then the caption)
+  prefix_len     (B,) int32    vqa (caption with a prompt): leading caption_ids tokens (the question,
+                               with its EOS) that are given, never masked and never scored; else 0
   teacher_image  (B, Dt) float32  frozen-teacher feature of the target image   (optional)
   teacher_text   (B, Dt) float32  frozen-teacher feature of the caption        (optional)
 

@@ -158,10 +158,11 @@ class ExampleFormat:
     teacher_dim: int  # 0: no teacher features
     tokenizer: tuple  # config.tokenizer as sorted (key, value) items (hashable, picklable)
     max_image_pixels: int = image_lib.DEFAULT_MAX_PIXELS
+    caption_prompt: str = ""  # input.caption_prompt: the caption task's given question ("" = none)
 
 
 def example_format(task: str, specs: Sequence[RecordSpec], resolution: int, text_length: int,
-                   tokenizer_cfg: Mapping, use_teacher: bool = True) -> ExampleFormat:
+                   tokenizer_cfg: Mapping, use_teacher: bool = True, caption_prompt: str = "") -> ExampleFormat:
     """The common format of the sources of one task; raises ValueError on incompatible sources."""
     k = {s.num_cond for s in specs}
     if any(s.task != task for s in specs) or len(k) != 1:
@@ -187,7 +188,16 @@ def example_format(task: str, specs: Sequence[RecordSpec], resolution: int, text
                     task, sorted(dims))
     tok_dict = tokenizer_cfg.to_dict() if hasattr(tokenizer_cfg, "to_dict") else dict(tokenizer_cfg)
     tok = tuple(sorted(tok_dict.items()))
-    return ExampleFormat(task, k.pop(), resolution, text_length, latents, shape, teacher_dim, tok)
+    return ExampleFormat(task, k.pop(), resolution, text_length, latents, shape, teacher_dim, tok,
+                         caption_prompt=caption_prompt if task == "caption" else "")
+
+
+def config_format(config, task: str, sources, resolution: int) -> ExampleFormat:
+    """`example_format` of a run's config for `task`'s sources (text length, tokenizer, teacher
+    features, caption prompt from the config)."""
+    return example_format(task, [s.spec for s in sources], resolution, int(config.input.text_length),
+                          config.tokenizer, bool(data_config(config)["teacher"]),
+                          caption_prompt=str(config.input.get("caption_prompt", "")))
 
 
 _TOKENIZERS: dict = {}
@@ -277,8 +287,9 @@ class DecodeExample:
             if not prompt.strip():
                 raise ValueError("empty instruction")
             out["prompt_ids"] = tok.encode([prompt], f.text_length)[0].astype(np.int32)
-        if f.task == "vqa":
-            ids, n = tokenize_vqa(tok, text(rec["question"]), caption, f.text_length)
+        if f.task == "vqa" or f.caption_prompt:  # a given question, then the answer / caption
+            question = text(rec["question"]) if f.task == "vqa" else f.caption_prompt
+            ids, n = tokenize_vqa(tok, question, caption, f.text_length)
             out["caption_ids"], out["prefix_len"] = ids, np.int32(n)
         else:
             out["caption_ids"] = tok.encode([caption], f.text_length)[0].astype(np.int32)
@@ -487,8 +498,7 @@ def check_data_config(config, tasks: Sequence[str], splits: Sequence[str] = ("tr
             for res in (list(resolutions) or [int(config.input.resolution)]):
                 try:
                     sources = task_sources(config, task, split, res)
-                    fmt = example_format(task, [s.spec for s in sources], res, int(config.input.text_length),
-                                         config.tokenizer, bool(d["teacher"]))
+                    fmt = config_format(config, task, sources, res)
                 except (ValueError, FileNotFoundError, OSError) as e:
                     raise ValueError(f"config.data.{task} = {d[task]!r} ({split}): {e}") from None
                 if fmt.teacher_dim and fmt.teacher_dim != adapter_out:
@@ -523,8 +533,7 @@ def make_train_iterator(config, task: str, split: str = "train", process_index: 
     d = data_config(config)
     res = int(resolution or config.input.resolution)
     sources = task_sources(config, task, split, res)
-    fmt = example_format(task, [s.spec for s in sources], res, int(config.input.text_length),
-                         config.tokenizer, bool(d["teacher"]))
+    fmt = config_format(config, task, sources, res)
     seed = int(seed if seed is not None else (d["seed"] if d["seed"] >= 0 else config.seed))
     return make_iterator(sources, fmt, _host_batch(int(batch_size or config.batch_size), process_count),
                          seed=seed, shuffle=True, num_epochs=None, process_index=process_index,
@@ -542,8 +551,7 @@ def make_eval_iterator(config, task: str, split: str = "validation", process_ind
     d = data_config(config)
     res = int(resolution or config.input.resolution)
     sources = task_sources(config, task, split, res)
-    fmt = example_format(task, [s.spec for s in sources], res, int(config.input.text_length),
-                         config.tokenizer, bool(d["teacher"]))
+    fmt = config_format(config, task, sources, res)
     return make_iterator(sources, fmt, _host_batch(int(batch_size or config.batch_size), process_count),
                          shuffle=False, num_epochs=1, process_index=process_index, process_count=process_count,
                          drop_remainder=drop_remainder, read_threads=int(d["read_threads"]),
@@ -608,7 +616,7 @@ def batch_shapes(config, task: str, batch_size: int | None = None, resolution: i
 
 
 __all__ = ["DATA_DEFAULTS", "data_config", "Source", "prepared_source", "shapes_source", "parse_source_list",
-           "ExampleFormat", "example_format", "DecodeExample", "Bad", "SafeSource", "build_dataset",
+           "ExampleFormat", "example_format", "config_format", "DecodeExample", "Bad", "SafeSource", "build_dataset",
            "make_iterator", "make_train_iterator", "make_eval_iterator", "HostBatchIterator", "shard",
            "to_global_batch", "batch_sharding", "batch_shapes", "task_sources", "tokenize_vqa", "check_data_config",
            "measure_throughput"]

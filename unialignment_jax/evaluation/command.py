@@ -70,6 +70,8 @@ def run(args, config=None) -> int:
         cfg = read_config(args.workdir)
         if args.limit is not None and args.limit < 0:
             raise RunError(f"--limit {args.limit}: must be >= 0")
+        if args.temperature < 0:
+            raise RunError(f"--temperature {args.temperature}: must be >= 0")
         tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
         if args.suite == "semgen":
             from unialignment_jax.evaluation import semgen
@@ -94,7 +96,8 @@ def run(args, config=None) -> int:
 
     log = lambda msg: logging.info("%s", msg)
     settings = Settings(image_steps=args.steps or 50, guidance=7.0 if args.cfg is None else args.cfg,
-                        shift=args.shift, text_steps=args.text_steps or 32, seed=args.seed)
+                        shift=args.shift, text_steps=args.text_steps or 32, seed=args.seed,
+                        text_order=args.text_order, text_temperature=args.temperature)
     suffix = ("_ema" if args.ema else "") + f"_step{run_.step}"
     result = {"suite": args.suite, "workdir": args.workdir, "step": run_.step, "ema": bool(args.ema)}
     if args.suite == "val_loss":
@@ -116,8 +119,9 @@ def run(args, config=None) -> int:
                                        limit=args.limit or 64, settings=settings, batch_size=args.batch,
                                        out_dir=out_dir if jax.process_index() == 0 else None, log=log)
         result["settings"] = {"image_steps": settings.image_steps, "guidance": settings.guidance,
-                              "shift": settings.shift, "text_steps": settings.text_steps, "split": args.split,
-                              "seed": settings.seed}
+                              "shift": settings.shift, "text_steps": settings.text_steps,
+                              "text_order": settings.text_order, "text_temperature": settings.text_temperature,
+                              "split": args.split, "seed": settings.seed}
         result["scores"] = scores
         table = format_table(["task", "metric", "score", "chance", "n", "also"], shapes_bench.table_rows(scores))
     else:

@@ -11,7 +11,9 @@ Reads W/config.json and restores the latest checkpoint's parameters (`--step N` 
 `--ema` for the EMA weights) onto this host's devices. Images are written as PNG; texts are printed
 and written to --out. Input images are resized (short side, bicubic) and centre-cropped to the
 run's resolution, as the official pipeline does. Defaults are the official settings: 50 steps and
-guidance 7 (SD3 timestep shift 3) for images, 32 steps for texts.
+guidance 7 (SD3 timestep shift 3) for images, 32 steps for texts; except that texts unmask their
+most confident positions first (`--text_order random`: the official ddpm_cache order; a caption
+follows the run's `input.caption_prompt` when it has one).
 
 --workdir, --image and --out may be URIs (`gs://...`, through etils epath: unialignment_jax/paths.py);
 the output is encoded in memory and written whole (a bucket object cannot be written in place).
@@ -62,7 +64,8 @@ def check_inputs(task: str, prompt: str | None, images: list[str], num_compose_r
         if task == "vqa" and not (prompt or "").strip():
             raise InputError("--task vqa needs the question as --prompt")
         if task == "caption" and prompt:
-            raise InputError("--task caption takes no --prompt (ask a question with --task vqa)")
+            raise InputError("--task caption takes no --prompt (its question, if any, is the run's "
+                             "input.caption_prompt; ask other questions with --task vqa)")
     else:
         want = tasks_lib.num_conditions(task, num_compose_refs)
         if not (prompt or "").strip():
@@ -82,6 +85,8 @@ def run(args, config=None) -> int:
         check_inputs(args.task, args.prompt, images, int(cfg.input.num_compose_refs))
         if args.steps is not None and args.steps < 1:
             raise InputError(f"--steps {args.steps}: must be at least 1")
+        if args.temperature < 0:
+            raise InputError(f"--temperature {args.temperature}: must be >= 0")
         if args.cfg < 0:
             raise InputError(f"--cfg {args.cfg}: the guidance scale must be >= 0 (<= 1: no guidance)")
         if args.shift <= 0:
@@ -102,7 +107,8 @@ def run(args, config=None) -> int:
 
     negative = NEGATIVE_PROMPT if args.negative_prompt is None else args.negative_prompt
     settings = Settings(image_steps=args.steps or 50, guidance=args.cfg, shift=args.shift,
-                        negative_prompt=negative, text_steps=args.steps or 32, seed=args.seed)
+                        negative_prompt=negative, text_steps=args.steps or 32, seed=args.seed,
+                        text_order=args.text_order, text_temperature=args.temperature)
     sampler = run_.sampler()
     logging.info("sample: %s from %s step %d%s", args.task, args.workdir, run_.step, " (EMA)" if args.ema else "")
     writer = jax.process_index() == 0

@@ -4,7 +4,8 @@
 mesh and frozen encoders:
   * `generate(params, task, prompts, cond_images)`: t2i (no condition), edit / perception (one),
     compose (`input.num_compose_refs`) -> uint8 (n, R, R, 3);
-  * `describe(params, task, images, questions)`: caption, vqa -> texts.
+  * `describe(params, task, images, questions)`: caption, vqa -> texts (captions after the run's
+    `input.caption_prompt` when it has one, given like a VQA question).
 Inputs are split into chunks of `batch_size` examples (a multiple of the data-parallel size
 data x fsdp; the last chunk is padded), placed on the mesh with the batch over ('data', 'fsdp'),
 and each chunk is one call of a compiled sampler (compiled once per task shape, steps count and
@@ -12,7 +13,9 @@ guidance on/off; the guidance scale and seed are arguments). Example i of a call
 from (seed, indices[i]) (default indices 0..n-1), so results do not depend on `batch_size`.
 
 Defaults are the official settings (METHOD.md §4): 50 image steps, guidance 7 with the official
-negative prompt, SD3's timestep shift 3.0; 32 text steps at the configured text length.
+negative prompt, SD3's timestep shift 3.0; 32 text steps at the configured text length; except the
+text sampler's unmasking order: most confident positions first (`text_order = "random"` is the
+official ddpm_cache; sampling/text.py).
 """
 
 from __future__ import annotations
@@ -44,6 +47,10 @@ class Settings:
     negative_prompt: str = image_lib.NEGATIVE_PROMPT
     text_steps: int = 32
     text_cache: bool = True
+    # Unmasking order of the text sampler: "confidence" (ours: most confident positions first) or
+    # "random" (official ddpm_cache); sampling/text.py says why. Temperature: confidence order only.
+    text_order: str = "confidence"
+    text_temperature: float = 0.0
     seed: int = 0
 
 
@@ -74,6 +81,7 @@ class Sampler:
         self.graphdef = dit_graphdef
         self.tokenizer = frozen.tokenizer
         self.text_length = int(config.input.text_length)
+        self.caption_prompt = str(config.input.get("caption_prompt", ""))
         self.resolution = int(resolution or config.input.resolution)
         f = int(config.input.latent_downsample)
         if self.resolution % (f * int(config.model.patch_size)):
@@ -182,10 +190,17 @@ class Sampler:
                 raise ValueError("caption takes no question (use the vqa task)")
             prefix = np.zeros((n, self.text_length), np.int32)
             prefix_len = np.zeros((n,), np.int32)
-        steps = int(settings.text_steps)
-        fn = self._compile(("text", steps), lambda: text_lib.build_text_sampler(
+            if self.caption_prompt:  # the run's fixed caption question (input.caption_prompt)
+                ids, length = self.question_prefix(self.caption_prompt)
+                prefix[:], prefix_len[:] = ids, length
+        if n and prefix_len.max() >= self.text_length:
+            what = "input.caption_prompt" if task == "caption" else "the question"
+            raise ValueError(f"{task}: {what} fills the whole {self.text_length}-token text "
+                             "(input.text_length); nothing is left to sample")
+        steps, order, temperature = int(settings.text_steps), settings.text_order, float(settings.text_temperature)
+        fn = self._compile(("text", steps, order, temperature), lambda: text_lib.build_text_sampler(
             self.graphdef, self.frozen.text_encoder, self.frozen.codec_static, self.frozen.codec_is_module,
-            self.tokenizer.mask_id, steps))
+            self.tokenizer.mask_id, steps, order, temperature))
         cache = settings.text_cache if use_cache is None else use_cache
         indices = np.arange(n) if indices is None else np.asarray(indices)
         out = np.zeros((n, self.text_length), np.int32)
@@ -216,7 +231,7 @@ class Sampler:
     def describe(self, params, task: str, images: np.ndarray, questions: Sequence[str] | None = None, *,
                  settings: Settings = Settings(), indices: Sequence[int] | None = None) -> list[str]:
         ids, prefix_len, _ = self.describe_ids(params, task, images, questions, settings=settings, indices=indices)
-        return self.decode(ids, prefix_len if task == "vqa" else None)
+        return self.decode(ids, prefix_len)
 
 
 __all__ = ["Sampler", "Settings", "to_uint8", "to_float", "num_tokens", "IMAGE_TASKS", "TEXT_TASKS"]

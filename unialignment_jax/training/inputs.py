@@ -32,10 +32,7 @@ def check_data_config(config, schedule) -> None:
 
 
 def _format(config, task, resolution):
-    d = pipeline.data_config(config)
-    sources = pipeline.task_sources(config, task, "train", resolution)
-    return pipeline.example_format(task, [s.spec for s in sources], resolution, int(config.input.text_length),
-                                   config.tokenizer, bool(d["teacher"]))
+    return pipeline.config_format(config, task, pipeline.task_sources(config, task, "train", resolution), resolution)
 
 
 def step_flops(config, stage, task) -> int:
