@@ -19,7 +19,11 @@ Toy-scale choices, each measured (README, "Quality on the demo"):
     init the captions came out as bags of words; against 4 heads of width 16 at std 2, the masked
     caption NLL at 30% / 60% masking after 1000 steps fell from 0.59 / 1.11 to 0.47 / 0.71 nats;
   * remat "dots": every matmul output kept, the elementwise work recomputed in the backward pass;
-    the same numbers, 1.3-1.4x faster steps than "none" on XLA:CPU.
+    the same numbers, 1.3-1.4x faster steps than "none" on XLA:CPU;
+  * the caption task asks "What shapes?" (input.caption_prompt; official: no prompt). With no
+    given token, every position of an all-MASK text looks the same to the DiT, so the sampler's
+    first words land at random places; the prompt is an anchor to count positions from. The
+    official sampler stays an option in `sample` / `evaluate` (README, "Quality on the demo").
 
 Run (8 simulated CPU devices, mesh data=2 x fsdp=4):
   bash launch/local.sh train --config experiments/demo.py --workdir runs/demo

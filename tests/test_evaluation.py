@@ -134,6 +134,8 @@ def test_evaluate_shapes_suite_json(run_dir, tmp_path, capsys):
     for task, scores in result["scores"].items():
         assert scores["n"] == 2 and 0.0 <= scores[S.PRIMARY[task]] <= 1.0
     assert (out / "results.json").exists() and (out / "t2i.png").exists() and (out / "vqa.jsonl").exists()
+    captions = [json.loads(line) for line in (out / "caption.jsonl").read_text().splitlines()]
+    assert [c["question"] for c in captions] == ["What shapes?"] * 2  # the demo's caption prompt
 
 
 def test_evaluate_semgen_writes_the_official_tree(run_dir, tmp_path, capsys):

@@ -142,7 +142,9 @@ def test_shapes_vocabulary_covers_every_shapes_text():
     from unialignment_jax.tasks import TASKS
 
     tok = build_tokenizer({"kind": "words", "vocabulary": "shapes"})
-    longest = 0
+    from experiments.demo import CAPTION_PROMPT
+
+    longest = longest_caption = 0
     for task in TASKS:
         for i in range(150):
             e = shapes.make_example(task, "train", i, 0, 3)
@@ -153,4 +155,9 @@ def test_shapes_vocabulary_covers_every_shapes_text():
                 assert tokenizers.UNK_ID not in ids, (task, text)
                 assert tok.decode(tok.encode([text], len(ids) + 1)) == [text]
                 longest = max(longest, len(ids))
+            if task == "caption":
+                longest_caption = max(longest_caption, len(tok.tokenize(e.caption)))
     assert longest < 32  # the demo's text_length holds every text and its EOS
+    prompt = tok.tokenize(CAPTION_PROMPT)
+    assert tokenizers.UNK_ID not in prompt
+    assert len(prompt) + 1 + longest_caption + 1 <= 32  # and the caption prompt (+ EOS) before a caption

@@ -86,7 +86,10 @@ def evaluate(run, params, *, tasks=TASKS, split: str = "test", limit: int = 64, 
         if out_dir:
             epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
             if task in ("caption", "vqa"):
-                lines = [json.dumps({"question": e.question, "reference": e.caption, "output": o, "scores": s}) + "\n"
+                # A caption's "question" is the run's caption prompt (the given prefix), if any.
+                prompt = run.config.input.get("caption_prompt", "")
+                lines = [json.dumps({"question": e.question if task == "vqa" else prompt,
+                                     "reference": e.caption, "output": o, "scores": s}) + "\n"
                          for e, o, s in zip(exs, outputs, scores)]
                 epath.Path(paths.join(out_dir, f"{task}.jsonl")).write_text("".join(lines), encoding="utf-8")
             else:
