@@ -25,7 +25,7 @@ XLA flags must be set before jax is imported: run this script under the flags to
 or `--sweep`, which runs this script once per flag preset (subprocesses, in turn) and tabulates them.
 
 Run:  python benchmarks/torch_reference_step.py [--rounds 7] [--threads 2] [--optimizer] [--json]
-      python benchmarks/torch_reference_step.py --sweep [--repeats 2]
+      python benchmarks/torch_reference_step.py --sweep [--repeats 2] [--presets default,glibc_retain]
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -41,14 +42,21 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 
-# Flag presets compared by --sweep (name -> (XLA_FLAGS, preload jemalloc)).
+# glibc malloc told to keep what it has (one arena, no mmap'd chunks, no trimming): without it a
+# medium step page-faults about 1.8 GB of fresh zeroed pages (460k minor faults per JAX step,
+# 300k per PyTorch step), with it none after the first step. launch/_common.sh sets the same value.
+GLIBC_RETAIN = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
+                ":glibc.malloc.top_pad=268435456")
+
+# Presets compared by --sweep (name -> (XLA_FLAGS, allocator: "system", "jemalloc" or "glibc_retain")).
+YNN_OFF = "--xla_cpu_experimental_ynn_fusion_type="
 SWEEP = {
-    "default": ("", False),
-    "ynn_off": ("--xla_cpu_experimental_ynn_fusion_type=", False),
-    "jemalloc": ("", True),
-    "ynn_off+jemalloc": ("--xla_cpu_experimental_ynn_fusion_type=", True),
-    "ynn_off+xnn_dot+jemalloc": ("--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_experimental_xnn_fusion_type=dot",
-                                 True),
+    "default": ("", "system"),
+    "ynn_off": (YNN_OFF, "system"),
+    "jemalloc": ("", "jemalloc"),
+    "ynn_off+jemalloc": (YNN_OFF, "jemalloc"),
+    "glibc_retain": ("", "glibc_retain"),
+    "ynn_off+glibc_retain": (YNN_OFF, "glibc_retain"),
 }
 
 
@@ -157,16 +165,23 @@ def measure(args) -> dict:
     jax_step = bench.model_only_step(config, mesh, rules, with_optimizer=args.optimizer)
     jax_compile = time.perf_counter() - t0
     torch_step = torch_step_fn(config, optimizer=args.optimizer)
-    torch_step()  # warm-up
+    for _ in range(2):  # warm-up: both allocators reach their steady heap (the second step still faults)
+        jax_step()
+        torch_step()
 
-    jax_times, torch_times = [], []
+    # Minor page faults per step: fresh pages the allocator asked the kernel for (and the kernel
+    # zeroed), the cost that jemalloc or GLIBC_RETAIN remove.
+    faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    jax_times, torch_times, jax_faults, torch_faults = [], [], [], []
     for _ in range(args.rounds):
-        t0 = time.perf_counter()
+        f0, t0 = faults(), time.perf_counter()
         jax_step()
         jax_times.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
+        f1, t0 = faults(), time.perf_counter()
         torch_step()
         torch_times.append(time.perf_counter() - t0)
+        jax_faults.append(f1 - f0)
+        torch_faults.append(faults() - f1)
     xla_peak, torch_peak = matmul_peak_flops(), torch_matmul_peak()
 
     cfg = DiTConfig.from_config(config.model)
@@ -177,6 +192,9 @@ def measure(args) -> dict:
     return {
         "config": args.config, "threads": args.threads, "optimizer": args.optimizer, "rounds": args.rounds,
         "xla_flags": os.environ.get("XLA_FLAGS", ""), "ld_preload": os.environ.get("LD_PRELOAD", ""),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+        "jax_minor_faults_per_step": statistics.median(jax_faults),
+        "torch_minor_faults_per_step": statistics.median(torch_faults),
         "jax_step_seconds": tj, "torch_step_seconds": tt, "ratio_jax_to_torch": tj / tt,
         "ratio_per_round_median": statistics.median(a / b for a, b in zip(jax_times, torch_times)),
         "jax_times": jax_times, "torch_times": torch_times, "jax_compile_seconds": jax_compile,
@@ -189,24 +207,34 @@ def measure(args) -> dict:
 
 
 def report(r: dict) -> str:
-    return (f"flags [{r['xla_flags'] or 'default'}]{' + jemalloc' if r['ld_preload'] else ''}, {r['threads']} threads"
+    allocator = " + jemalloc" if r["ld_preload"] else " + glibc retain" if r.get("glibc_tunables") else ""
+    return (f"flags [{r['xla_flags'] or 'default'}]{allocator}, {r['threads']} threads"
             f"{', with optimizer' if r['optimizer'] else ''}: JAX {r['jax_step_seconds']:.2f} s, PyTorch "
             f"{r['torch_step_seconds']:.2f} s, ratio {r['ratio_jax_to_torch']:.2f}x; JAX "
             f"{r['jax_flops_per_sec'] / 1e9:.0f} GFLOP/s = {100 * r['jax_fraction_of_xla_peak']:.0f}% of XLA's "
             f"matmul peak ({r['xla_matmul_peak'] / 1e9:.0f}), PyTorch {r['torch_flops_per_sec'] / 1e9:.0f} GFLOP/s = "
-            f"{100 * r['torch_fraction_of_torch_peak']:.0f}% of torch's ({r['torch_matmul_peak'] / 1e9:.0f})")
+            f"{100 * r['torch_fraction_of_torch_peak']:.0f}% of torch's ({r['torch_matmul_peak'] / 1e9:.0f}); "
+            f"minor page faults per step: JAX {r['jax_minor_faults_per_step']:.0f}, "
+            f"PyTorch {r['torch_minor_faults_per_step']:.0f}")
 
 
 def sweep(args) -> list[dict]:
     rows = []
     for rep in range(args.repeats):
-        for name, (flags, jemalloc) in SWEEP.items():
+        for name in args.presets.split(","):
+            if name not in SWEEP:
+                raise SystemExit(f"--presets: unknown preset {name!r}; choose from {sorted(SWEEP)}")
+            flags, allocator = SWEEP[name]
             env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
             env.pop("LD_PRELOAD", None)
-            if jemalloc:
+            env.pop("GLIBC_TUNABLES", None)
+            if allocator == "jemalloc":
                 if not os.path.exists(JEMALLOC):
+                    print(f"{name:26s} skipped: {JEMALLOC} is not installed", flush=True)
                     continue
                 env["LD_PRELOAD"] = JEMALLOC
+            elif allocator == "glibc_retain":
+                env["GLIBC_TUNABLES"] = GLIBC_RETAIN
             cmd = [sys.executable, os.path.abspath(__file__), "--config", args.config, "--rounds", str(args.rounds),
                    "--threads", str(args.threads), "--json"] + (["--optimizer"] if args.optimizer else [])
             out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -227,6 +255,7 @@ def main(argv=None) -> int:
     p.add_argument("--optimizer", action="store_true", help="time the whole update (clip + AdamW [+ EMA])")
     p.add_argument("--sweep", action="store_true", help="compare the XLA flag presets (one subprocess each)")
     p.add_argument("--repeats", type=int, default=1, help="--sweep: rounds over all presets")
+    p.add_argument("--presets", default=",".join(SWEEP), help="--sweep: comma-separated preset names")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     if args.sweep:

@@ -47,8 +47,15 @@ UA_GPU_XLA_FLAGS="--xla_gpu_enable_latency_hiding_scheduler=true \
 --xla_disable_hlo_passes=rematerialization"
 # XLA:CPU: the preset that won `benchmarks/torch_reference_step.py --sweep` (README, "Performance"):
 # YNN fusion off plus jemalloc: 3.81 s per medium step against 5.65 s with the defaults, 4.23 s
-# with jemalloc alone and 7.05 s with YNN off alone; so without jemalloc the preset is empty.
+# with jemalloc alone and 7.05 s with YNN off alone.
 UA_CPU_XLA_FLAGS="--xla_cpu_experimental_ynn_fusion_type="
+# Without jemalloc: glibc malloc told to keep its memory (one arena, no mmap'd chunks, no trimming).
+# By default a medium step page-faults ~460k fresh zeroed pages (1.8 GB) as glibc hands XLA's big
+# buffers back to the kernel and asks again; with this, none after the warm-up: 5.02 s against
+# 6.81 s per step (with the default XLA flags; YNN off on top: 5.61 s). The memory stays with the
+# process (its high-water mark), as it would with jemalloc.
+UA_GLIBC_RETAIN="glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736:\
+glibc.malloc.top_pad=268435456"
 
 # ua_chip_env CHIP: the preset's environment as NAME=VALUE lines (one per variable).
 ua_chip_env() {
@@ -63,10 +70,12 @@ ua_chip_env() {
       echo "CUDA_DEVICE_MAX_CONNECTIONS=1"
       ;;
     cpu)
-      # Only together: YNN fusion off without jemalloc was slower than the defaults (7.05 vs 5.65 s).
+      # YNN fusion off only together with jemalloc (alone it was slower than the defaults).
       if [ -e "$UA_JEMALLOC" ]; then
         echo "XLA_FLAGS=$UA_CPU_XLA_FLAGS"
         echo "LD_PRELOAD=$UA_JEMALLOC"
+      else
+        echo "GLIBC_TUNABLES=$UA_GLIBC_RETAIN"
       fi
       ;;
     none) ;;

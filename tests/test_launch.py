@@ -79,13 +79,15 @@ def test_xla_flag_presets_are_known_to_jaxlib(chip):
 
 
 def test_cpu_preset_needs_jemalloc():
-    """YNN fusion off only pays with jemalloc (README, Performance): without it, no CPU flags."""
+    """YNN fusion off only pays with jemalloc (README, Performance): without it, no XLA flags but
+    glibc malloc told to keep its memory."""
     with_it = f'UA_JEMALLOC={sys.executable}; source {LAUNCH}/_common.sh; ua_chip_env cpu'
     without = f'UA_JEMALLOC=/nonexistent/libjemalloc.so.2; source {LAUNCH}/_common.sh; ua_chip_env cpu'
     run = lambda script: subprocess.run(["bash", "-c", script], capture_output=True, text=True,
                                         check=True).stdout.split()
     assert run(with_it) == ["XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=", f"LD_PRELOAD={sys.executable}"]
-    assert run(without) == []
+    (tunables,) = run(without)
+    assert tunables.startswith("GLIBC_TUNABLES=glibc.malloc.arena_max=1:") and "mmap_max=0" in tunables
 
 
 def test_local_dry_run_sets_the_cpu_preset_and_simulated_devices():
