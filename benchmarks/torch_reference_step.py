@@ -44,9 +44,11 @@ JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 
 # glibc malloc told to keep what it has (one arena, no mmap'd chunks, no trimming): without it a
 # medium step page-faults about 1.8 GB of fresh zeroed pages (460k minor faults per JAX step,
-# 300k per PyTorch step), with it none after the first step. launch/_common.sh sets the same value.
-GLIBC_RETAIN = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
-                ":glibc.malloc.top_pad=268435456")
+# 300k per PyTorch step), with it none after the warm-up. The value is the CPU launcher's, read
+# from launch/_common.sh so the two cannot drift apart.
+GLIBC_RETAIN = subprocess.run(["bash", "-c", 'source "$1"; printf %s "$UA_GLIBC_RETAIN"', "_",
+                               os.path.join(ROOT, "launch", "_common.sh")],
+                              capture_output=True, text=True, check=True).stdout
 
 # Presets compared by --sweep (name -> (XLA_FLAGS, allocator: "system", "jemalloc" or "glibc_retain")).
 YNN_OFF = "--xla_cpu_experimental_ynn_fusion_type="
