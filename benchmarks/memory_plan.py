@@ -27,7 +27,7 @@ accelerator's own figure can differ by tens of percent; "fits" below means total
 device's memory, to leave room for that, the runtime and fragmentation. Confirm on the hardware
 with the same command (without --cpu_devices) before a long run.
 
-Run:  python benchmarks/memory_plan.py [--devices 8,64,256] [--remat none,full,dots,dots_no_batch]
+Run:  python benchmarks/memory_plan.py [--devices 8,64,256] [--remat none,full,dots,dots_except_scores,dots_no_batch]
           [--per_device_micro_batch 4] [--json OUT.json] [--markdown OUT.md]
 (about 15 minutes and 2.5 GB of RAM on 2 cores for the full grid).
 """
@@ -96,7 +96,7 @@ def markdown(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--devices", default="8,64,256")
-    p.add_argument("--remat", default="none,full,dots,dots_no_batch")
+    p.add_argument("--remat", default="none,full,dots,dots_except_scores,dots_no_batch")
     p.add_argument("--per_device_micro_batch", type=int, default=0, help="default: from the config (4)")
     p.add_argument("--task", default="t2i")
     p.add_argument("--timeout", type=float, default=1800)

@@ -4,14 +4,18 @@
 near the machine's matmul rate and the rest of a step is memory traffic: with "none" every
 intermediate of every layer (norms, modulations, GELU, softmax) is written into the scan's stacked
 residual buffers and read back; with "dots" only the matmul outputs are kept and the elementwise
-work between them is recomputed, so no matmul runs twice. This script times the model-only step
-(`bench.model_only_step`: both DiT passes with all five official loss terms, no T5) of
-experiments/bench_medium.py for each policy, rounds alternating between the policies so that all
-see the same machine load, and the 2048^3 float32 matmul rate in the same process.
+work between them is recomputed, so no matmul runs twice; "dots_except_scores" also recomputes
+the attention scores (QK^T), the one matmul output cheaper to recompute than to store. This script
+times the model-only step (`bench.model_only_step`: both DiT passes with all five official loss
+terms, no T5) of experiments/bench_medium.py for each policy, rounds alternating between the
+policies so that all see the same machine load, and the 2048^3 float32 matmul rate in the same
+process.
 
-Run under the CPU launcher's preset (XLA flags must be set before jax is imported):
+Run under the CPU launcher's preset (XLA flags and the allocator must be set before jax is
+imported; `bash launch/local.sh --dry-run ...` prints them): with jemalloc
   XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type= LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 \
-      python benchmarks/remat_step.py [--policies none,dots,dots_no_batch,full] [--rounds 5] [--json]
+      python benchmarks/remat_step.py [--policies none,dots,dots_except_scores,dots_no_batch,full] [--rounds 5]
+without it, GLIBC_TUNABLES=<UA_GLIBC_RETAIN of launch/_common.sh> python benchmarks/remat_step.py ...
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default=os.path.join(ROOT, "experiments", "bench_medium.py"))
-    p.add_argument("--policies", default="none,dots,dots_no_batch,full")
+    p.add_argument("--policies", default="none,dots,dots_except_scores,dots_no_batch,full")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -83,7 +87,7 @@ def main(argv=None) -> int:
     else:
         print(f"matmul peak {peak / 1e9:.0f} GFLOP/s; step {step_flops / 1e9:.0f} GFLOP (analytic)")
         for r in rows:
-            print(f"  remat {r['policy']:14s} {r['step_seconds']:6.2f} s  {r['speedup_vs_first']:5.2f}x vs "
+            print(f"  remat {r['policy']:18s} {r['step_seconds']:6.2f} s  {r['speedup_vs_first']:5.2f}x vs "
                   f"{policies[0]}  {r['flops_per_sec'] / 1e9:5.0f} GFLOP/s = "
                   f"{100 * r['fraction_of_matmul_peak']:3.0f}% of the matmul peak")
     return 0

@@ -17,7 +17,8 @@ alternate (jax, torch, jax, torch, ...) in this one process, so both see the sam
 the ratio of the medians is the figure.
 
 FLOP/s: the analytic matmul FLOPs of the two passes (models/flops.py, 3x forward), for both; each
-framework's fraction of its own 2048^3 float32 matmul rate measured in this process.
+framework's fraction of its own 2048^3 float32 matmul rate measured in this process, sampled after
+every round (the median over rounds of step / the peak sampled next to it).
 
 XLA flags must be set before jax is imported: run this script under the flags to measure, e.g.
   XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type= LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 \
@@ -174,7 +175,9 @@ def measure(args) -> dict:
     # Minor page faults per step: fresh pages the allocator asked the kernel for (and the kernel
     # zeroed), the cost that jemalloc or GLIBC_RETAIN remove.
     faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    jax_times, torch_times, jax_faults, torch_faults = [], [], [], []
+    # Each round also samples both matmul peaks: the machine's rate drifts between seconds, so each
+    # step is compared with the peak measured next to it (the median of those fractions is reported).
+    jax_times, torch_times, jax_faults, torch_faults, xla_peaks, torch_peaks = [], [], [], [], [], []
     for _ in range(args.rounds):
         f0, t0 = faults(), time.perf_counter()
         jax_step()
@@ -184,7 +187,9 @@ def measure(args) -> dict:
         torch_times.append(time.perf_counter() - t0)
         jax_faults.append(f1 - f0)
         torch_faults.append(faults() - f1)
-    xla_peak, torch_peak = matmul_peak_flops(), torch_matmul_peak()
+        xla_peaks.append(matmul_peak_flops(steps=3))
+        torch_peaks.append(torch_matmul_peak(steps=3))
+    xla_peak, torch_peak = statistics.median(xla_peaks), statistics.median(torch_peaks)
 
     cfg = DiTConfig.from_config(config.model)
     side = config.input.resolution // config.input.latent_downsample // cfg.patch_size
@@ -203,8 +208,10 @@ def measure(args) -> dict:
         "step_flops": step_flops,
         "jax_flops_per_sec": step_flops / tj, "torch_flops_per_sec": step_flops / tt,
         "xla_matmul_peak": xla_peak, "torch_matmul_peak": torch_peak,
-        "jax_fraction_of_xla_peak": step_flops / tj / xla_peak,
-        "torch_fraction_of_torch_peak": step_flops / tt / torch_peak,
+        "xla_matmul_peaks": xla_peaks, "torch_matmul_peaks": torch_peaks,
+        "jax_fraction_of_xla_peak": statistics.median(step_flops / t / p for t, p in zip(jax_times, xla_peaks)),
+        "torch_fraction_of_torch_peak": statistics.median(step_flops / t / p
+                                                          for t, p in zip(torch_times, torch_peaks)),
     }
 
 

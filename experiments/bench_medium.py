@@ -5,12 +5,13 @@ The frozen text encoder is a stand-in (one T5 layer of width 4096 = model.contex
 T5-XXL does not fit a CPU benchmark, and the DiT's step is what is measured. The tokenizer file is
 not needed: `bench` feeds random token ids in the T5 layout (vocabulary 32100, mask 32099).
 
-The variant is the remat policy (default "dots": `jax.checkpoint_policies.checkpoint_dots`): every
-matmul output is saved, the elementwise work between matmuls is recomputed in the backward pass.
-No matmul runs twice (the MFU count is unchanged), and the scan no longer writes every norm,
-GELU and modulation intermediate of every layer to memory and reads it back, which is what an
-XLA:CPU step spends its non-matmul time on: 1.3-2x faster steps than "none" here (README).
-`experiments/bench_medium.py:none` is the unrematted step.
+The variant is the remat policy (default "dots_except_scores", models/layers.py): every matmul
+output but the attention scores is saved, the elementwise work between matmuls is recomputed in
+the backward pass. The scan no longer writes every norm, GELU and modulation intermediate of every
+layer to memory and reads it back, which is what an XLA:CPU step spends its non-matmul time on
+(1.3-2x faster steps than "none" here, README), and QK^T (b*h*T^2 floats, 2 * head_dim FLOPs each)
+is recomputed rather than stored (1.04-1.06x faster than "dots"; the MFU count is unchanged).
+`experiments/bench_medium.py:none` is the unrematted step, `:dots` keeps the scores too.
 
 Run (one plain CPU device, the CPU flag preset of launch/local.sh):
   UNIALIGNMENT_CPU_DEVICES=0 bash launch/local.sh bench --config experiments/bench_medium.py --compile_compare
@@ -22,7 +23,7 @@ from unialignment_jax.config import base_config
 
 
 def get_config(arg=None):
-    remat = arg or "dots"  # validated by config.validate (model.remat)
+    remat = arg or "dots_except_scores"  # validated by config.validate (model.remat)
     c = base_config()
     c.model.update(dict(num_layers=8, num_heads=6, head_dim=64, block_depth=4, remat=remat, dtype="float32"))
     c.input.update(dict(resolution=256, latent_downsample=8, text_length=64))

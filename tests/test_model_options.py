@@ -115,3 +115,33 @@ def test_layer_scans_unrolled_on_simulated_cpu_devices(monkeypatch):
     assert use_layer_scan(True) is False and use_layer_scan(False) is False
     monkeypatch.setenv(CPU_SCAN_ENV, "1")
     assert use_layer_scan(True) is True and use_layer_scan(False) is False
+
+
+def test_dots_except_scores_recomputes_only_the_attention_scores(capsys):
+    """The remat policy keeps projections and PV (as `checkpoint_dots` does) and drops QK^T."""
+    from jax.ad_checkpoint import print_saved_residuals
+
+    from unialignment_jax.models.layers import REMAT_POLICIES
+
+    b, t, h, d = 2, 12, 2, 4
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((b, t, h * d)), jnp.float32)
+    w_qkv = jnp.asarray(rng.standard_normal((h * d, 3 * h * d)), jnp.float32)
+    w_out = jnp.asarray(rng.standard_normal((h * d, h * d)), jnp.float32)
+
+    def block(x, w_qkv, w_out):
+        q, k, v = jnp.split((x @ w_qkv).reshape(b, t, 3, h, d), 3, axis=2)
+        attn = attention_lib.xla_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0])
+        return jnp.sum((attn.reshape(b, t, h * d) @ w_out) ** 2)
+
+    def kept(policy):  # the residuals' types, one per line ("f32[2,12,24] output of dot_general ...")
+        capsys.readouterr()
+        print_saved_residuals(jax.checkpoint(block, policy=REMAT_POLICIES[policy]), x, w_qkv, w_out)
+        return [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.strip()]
+
+    # PV's output is kept in the dot's own dimension order: (b, h, d, q).
+    shape = lambda *dims: "f32[" + ",".join(map(str, dims)) + "]"
+    scores, qkv, pv = shape(b, h, t, t), shape(b, t, 3 * h * d), shape(b, h, d, t)
+    assert scores in kept("dots") and qkv in kept("dots") and pv in kept("dots")
+    assert scores not in kept("dots_except_scores")
+    assert qkv in kept("dots_except_scores") and pv in kept("dots_except_scores")

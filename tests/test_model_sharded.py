@@ -126,7 +126,8 @@ def test_scan_unrolled_and_remat_agree():
     context = jnp.asarray(rng.standard_normal((2, 6, 32)), jnp.float32)
     ts = jnp.array([100.0, 900.0])
     outs, grads = [], []
-    for scan, remat in [(True, "none"), (False, "none"), (True, "full"), (True, "dots"), (True, "dots_no_batch")]:
+    for scan, remat in [(True, "none"), (False, "none"), (True, "full"), (True, "dots"), (True, "dots_except_scores"),
+                        (True, "dots_no_batch")]:
         cfg = dataclasses.replace(TINY, scan_layers=scan, remat=remat)
         model = create.build_local(lambda: UniAlignmentDiT(cfg, rngs=nnx.Rngs(0)))
         # Non-zero modulation so that every block contributes.

@@ -86,7 +86,7 @@ def base_config() -> ConfigDict:
         train_mask_embedding=False,  # must stay False: the trainer keeps the whole T5 frozen (see validate)
         use_attention_mask=False,  # official: no mask, EOS padding
         scan_layers=True,
-        remat="none",  # none | full | dots | dots_no_batch (matters only when the mask row is trained)
+        remat="none",  # models/layers.REMAT_POLICIES (matters only when the mask row is trained)
         dtype="bfloat16",
         param_dtype="bfloat16",  # the frozen weights' storage; the mask row is always float32
     ))

@@ -28,15 +28,9 @@ from flax import nnx
 
 from unialignment_jax.models import attention as attention_lib
 from unialignment_jax.models import embeddings
-from unialignment_jax.models.layers import Dense, RMSNorm, gelu_tanh, layer_norm, modulate, use_layer_scan
+from unialignment_jax.models.layers import (REMAT_POLICIES, Dense, RMSNorm, gelu_tanh, layer_norm, modulate,
+                                            use_layer_scan)
 from unialignment_jax.parallel.rules import constrain
-
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
 
 ACT = ("act_batch", "act_length", "act_embed")
 

@@ -39,15 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from unialignment_jax.models.layers import Dense, RMSNorm, gelu_tanh, use_layer_scan
+from unialignment_jax.models.layers import REMAT_POLICIES, Dense, RMSNorm, gelu_tanh, use_layer_scan
 from unialignment_jax.parallel.rules import constrain
-
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
 
 SIZE_FIELDS = ("d_model", "num_layers", "num_heads", "d_kv", "d_ff", "vocab_size")
 
