@@ -150,13 +150,7 @@ def time_calls_with_peak(fn, steps: int, peak_fn, warmup: int = 2) -> tuple[list
 
 def time_calls(fn, steps: int) -> list[float]:
     """Wall times of `steps` calls of `fn` (each blocks on its outputs) after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
+    return time_calls_with_peak(fn, steps, lambda: None, warmup=1)[0]
 
 
 def compile_seconds(config, task: str, mesh, rules, *, latents: bool = True, **model_overrides) -> dict:
