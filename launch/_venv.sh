@@ -7,7 +7,12 @@ ensure_venv() {
   local root
   root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
   local venv="${UNIALIGNMENT_VENV:-$root/.venv}"
-  local stamp="$venv/.installed${extras}"
+  local stamp="$venv/.installed${extras}" s
+  if [ -z "$extras" ]; then  # an install with extras (tests/run.sh: [test]) serves a plain one too
+    for s in "$venv"/.installed*; do
+      if [ -f "$s" ] && [ ! "$root/setup.py" -nt "$s" ]; then stamp="$s"; fi
+    done
+  fi
   if [ ! -x "$venv/bin/python" ]; then
     "${UNIALIGNMENT_PYTHON:-python3}" -m venv "$venv"
     "$venv/bin/pip" install --quiet --upgrade pip

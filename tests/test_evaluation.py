@@ -140,8 +140,9 @@ def test_evaluate_shapes_suite_json(run_dir, tmp_path, capsys):
 
 def test_evaluate_semgen_writes_the_official_tree(run_dir, tmp_path, capsys):
     out = tmp_path / "results"
+    data = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "semgen_bench")  # 8 items
     assert cli.main(["evaluate", "--workdir", run_dir, "--suite", "semgen", "--limit", "2", "--steps", "2",
-                     "--out", str(out), "--method", "tiny", "--json"]) == 0
+                     "--data", data, "--out", str(out), "--method", "tiny", "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["items"] == 2 and result["tasks"]["edit_multi"]["guidance"] == 9.0
     assert result["tasks"]["t2i_long"]["guidance"] == 7.0
@@ -156,13 +157,16 @@ def test_evaluate_semgen_writes_the_official_tree(run_dir, tmp_path, capsys):
     assert Image.open(out / "tiny/fullset/edit_complex/1_SRCIMG.png").mode == "RGB"
 
 
-@pytest.mark.parametrize("case", ["no_workdir", "semgen_data", "val_loss_task"])
+@pytest.mark.parametrize("case", ["no_workdir", "semgen_data", "semgen_no_data", "val_loss_task"])
 def test_evaluate_bad_input_exits_2(case, run_dir, tmp_path, capsys):
     args = {
         "no_workdir": ["--workdir", str(tmp_path / "nope"), "--suite", "shapes"],
         "semgen_data": ["--workdir", run_dir, "--suite", "semgen", "--data", str(tmp_path)],
+        "semgen_no_data": ["--workdir", run_dir, "--suite", "semgen"],
         "val_loss_task": ["--workdir", run_dir, "--suite", "val_loss", "--tasks", "t2i,sing"],
     }[case]
     assert cli.main(["evaluate", *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("unialignment evaluate: ") and len(err.splitlines()) == 1
+    if case == "semgen_no_data":
+        assert "--data" in err and "SemGen-Bench" in err

@@ -24,9 +24,8 @@ from unialignment_jax.data.records import open_prepared, text
 from unialignment_jax.data.tokenizers import build_tokenizer
 from unialignment_jax.tasks import TASKS, num_conditions
 
-# ../shared beside the checkout (as CI lays it out)
-SEMGEN = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared", "data",
-                      "semgen_bench")
+# 8 SemGen-Bench items (real COCO photographs) shipped with the tests (tests/data/README.md)
+SEMGEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "semgen_bench")
 
 
 def small_config(resolution=32, text_length=128):
@@ -127,10 +126,9 @@ def semgen_manifest(path, ids):
     return by_id
 
 
-@pytest.mark.skipif(not os.path.isdir(SEMGEN), reason="SemGen-Bench data not present")
 def test_semgen_bench_images_as_edit_manifest(tmp_path, capsys):
     ids = sorted(int(os.path.splitext(f)[0]) for f in os.listdir(os.path.join(SEMGEN, "images")))
-    assert len(ids) == 150
+    assert len(ids) == 8
     manifest = str(tmp_path / "semgen_edit.jsonl")
     by_id = semgen_manifest(manifest, ids)
     config = small_config(resolution=32, text_length=256)
@@ -138,11 +136,11 @@ def test_semgen_bench_images_as_edit_manifest(tmp_path, capsys):
     rc, cap = run_prepare(["--manifest", manifest, "--images-root", SEMGEN, "--out", out, "--task", "edit",
                            "--resolution", "32", "--image-format", "png"], config, capsys)
     assert rc == 0, cap.err
-    assert "rows written: 150" in cap.out and "rows skipped: 0" in cap.out
-    batch, _ = read_all(out, "edit", config, batch=50)
-    assert batch["target"].shape == (150, 32, 32, 3) and batch["cond"].shape == (150, 1, 32, 32, 3)
+    assert "rows written: 8" in cap.out and "rows skipped: 0" in cap.out
+    batch, _ = read_all(out, "edit", config, batch=8)
+    assert batch["target"].shape == (8, 32, 32, 3) and batch["cond"].shape == (8, 1, 32, 32, 3)
     tok = build_tokenizer(config.tokenizer)
-    instructions = {tok.decode(batch["prompt_ids"][b])[0]: b for b in range(150)}
+    instructions = {tok.decode(batch["prompt_ids"][b])[0]: b for b in range(8)}
     for i in (1, 2, 77, 150):  # a few rows: official resize + crop, pixels and tokens exact
         r = by_id[i]
         b = instructions[r["edit_complex"]]
@@ -154,7 +152,6 @@ def test_semgen_bench_images_as_edit_manifest(tmp_path, capsys):
         np.testing.assert_array_equal(batch["prompt_ids"][b], tok.encode([r["edit_complex"]], 256)[0])
 
 
-@pytest.mark.skipif(not os.path.isdir(SEMGEN), reason="SemGen-Bench data not present")
 def test_original_bytes_are_kept_and_resized_at_train_time(tmp_path, capsys):
     manifest = str(tmp_path / "m.jsonl")
     semgen_manifest(manifest, [3, 4, 5])

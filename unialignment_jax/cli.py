@@ -15,6 +15,8 @@ import logging
 import os
 import sys
 
+from unialignment_jax import paths  # imports no jax
+
 # command -> (module with `run(args, config)`, --config: True required | "optional" | False, help)
 COMMANDS = {
     "train": ("unialignment_jax.training.train", True, "train (resumes when --workdir holds a checkpoint)"),
@@ -31,6 +33,22 @@ COMMANDS = {
     "evaluate": ("unialignment_jax.evaluation.command", False,
                  "an evaluation suite (val_loss, shapes, semgen) on a trained run"),
 }
+
+
+# Arguments that name files or directories. They are made absolute once, where the command starts
+# (`paths.absolute`: ~ expanded, URIs kept), so that nothing downstream depends on the directory the
+# command was started from: Orbax refuses relative paths, and what a run records (config.json,
+# export_info.json, the SemGen tree) must still resolve for a command started elsewhere.
+PATH_ARGUMENTS = ("workdir", "out", "data", "source", "manifest", "images_root", "image", "teacher_path")
+
+
+def make_path_arguments_absolute(args: argparse.Namespace) -> None:
+    for name in PATH_ARGUMENTS:
+        value = getattr(args, name, None)
+        if isinstance(value, list):
+            setattr(args, name, [paths.absolute(v) for v in value])
+        elif isinstance(value, str):
+            setattr(args, name, paths.absolute(value))
 
 
 def cpu_xla_flags(n_devices: int) -> str:
@@ -160,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="Shapes split of the shapes suite")
             p.add_argument("--batch", type=int, default=0, help="examples per compiled sampler call")
             p.add_argument("--method", default=None, help="semgen: the method's folder name (default: the workdir's)")
-            p.add_argument("--data", default=None, help="semgen: the SemGen-Bench folder (jsonl + images)")
+            p.add_argument("--data", default=None,
+                           help="semgen: the SemGen-Bench folder (semgen_bench.jsonl + images/; required)")
     return parser
 
 
@@ -168,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
+    make_path_arguments_absolute(args)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
 
     if args.cpu_devices:

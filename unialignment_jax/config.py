@@ -18,6 +18,7 @@ import ml_collections
 from ml_collections import ConfigDict
 
 from unialignment_jax import paths
+from unialignment_jax.tasks import TASKS
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -244,8 +245,34 @@ def load(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
     if not isinstance(config, ConfigDict):
         raise ConfigError(f"--config {spec}: get_config() must return an ml_collections.ConfigDict")
     validate(config)
+    make_paths_absolute(config)
     config.lock()
     return config
+
+
+# Config keys that name files or directories (besides config.data.<task> source lists).
+PATH_KEYS = ("text_encoder.weights", "text_encoder.mask_embedding", "codec.weights", "tokenizer.path")
+
+
+def make_paths_absolute(config: ConfigDict) -> None:
+    """Make every file path in `config` absolute (`paths.absolute`: ~ expanded, URIs kept), in place,
+    once, where the command starts: the run's config.json then records where the files are, and a
+    command started later from another directory (resume, sample, export) still finds them."""
+    from unialignment_jax.data.pipeline import absolute_source_list
+
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        config[section][name] = paths.absolute(config[section][name])
+    config.compilation_cache_dir = paths.absolute(config.compilation_cache_dir)
+    vocabulary = config.tokenizer.vocabulary
+    if vocabulary and vocabulary != "shapes":  # "shapes": the Shapes world's built-in word list
+        config.tokenizer.vocabulary = paths.absolute(vocabulary)
+    for task in TASKS:
+        if config.data.get(task):
+            try:
+                config.data[task] = absolute_source_list(str(config.data[task]))
+            except ValueError as e:
+                raise ConfigError(f"config.data.{task} = {config.data[task]!r}: {e}") from None
 
 
 def to_json(config: ConfigDict) -> str:

@@ -31,9 +31,19 @@ def is_remote(path) -> bool:
 
 
 def absolute(path) -> str:
-    """`os.path.abspath` for local paths; URIs unchanged."""
+    """A path as the command line gives it, made independent of the working directory: `~`
+    expanded, relative paths made absolute, `.` / `..` / trailing slashes normalised (symlinks are
+    kept, not resolved); URIs unchanged but for a trailing slash; "" (unset) stays "".
+
+    Orbax refuses relative checkpoint paths, and a run's config.json must name files that a later
+    command, started from another directory, still finds."""
     text = os.fspath(path)
-    return text if is_remote(text) else os.path.abspath(text)
+    if not text:
+        return text
+    if is_remote(text):
+        scheme, _, rest = text.partition("://")
+        return f"{scheme}://{rest.rstrip('/') or rest}"
+    return os.path.abspath(os.path.expanduser(text))
 
 
 def join(base, *parts) -> str:

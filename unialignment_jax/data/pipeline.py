@@ -34,6 +34,7 @@ from typing import Any, Mapping, Sequence
 import grain
 import numpy as np
 
+from unialignment_jax import paths
 from unialignment_jax.data import images as image_lib
 from unialignment_jax.data.records import RecordSpec, open_prepared, text
 from unialignment_jax.tasks import IMAGE_PASS_TASKS, check_task, num_conditions
@@ -140,6 +141,16 @@ def parse_source_list(text_spec: str) -> list[tuple[str, float]]:
     if not out:
         raise ValueError(f"empty data source list {text_spec!r}")
     return out
+
+
+def absolute_source_list(text_spec: str) -> str:
+    """The same source list with every dataset directory made absolute (`paths.absolute`), so a
+    run's config.json names its data wherever a later command starts; "shapes" is kept."""
+    items = []
+    for path, weight in parse_source_list(text_spec):
+        path = path if path == "shapes" else paths.absolute(path)
+        items.append(path if weight == 1.0 else f"{path}:{weight:g}")
+    return ",".join(items)
 
 
 # ---------------------------------------------------------------------------------- decoding

@@ -77,8 +77,10 @@ def run(args, config=None) -> int:
             from unialignment_jax.evaluation import semgen
 
             bad = [t for t in tasks if t not in semgen.TASKS]
-            data_dir = args.data or semgen.default_data_dir()
-            semgen.read_items(data_dir, 1)
+            if not args.data:
+                raise RunError("--suite semgen needs --data DIR: the SemGen-Bench folder (semgen_bench.jsonl and "
+                               "images/), SemGen-Bench/benchmark/ in the official UniAlignment repository")
+            semgen.read_items(args.data, 1)
         else:
             bad = [t for t in tasks if t not in tasks_lib.TASKS]
         if bad:
@@ -130,7 +132,7 @@ def run(args, config=None) -> int:
         out_root = args.out or paths.join(args.workdir, "results")
         method = args.method or (epath.Path(paths.absolute(args.workdir)).name + ("_ema" if args.ema else ""))
         try:
-            summary = semgen.generate(run_, run_.params, out_dir=out_root, method=method, data_dir=data_dir,
+            summary = semgen.generate(run_, run_.params, out_dir=out_root, method=method, data_dir=args.data,
                                       limit=args.limit or 0, tasks=tasks or semgen.TASKS, steps=args.steps or 50,
                                       guidance=args.cfg, settings=settings, batch_size=args.batch, log=log)
         except semgen.BenchError as e:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import time
 
 import numpy as np
@@ -33,11 +32,6 @@ EDIT_TASKS = ("edit_multi", "edit_complex")
 TASKS = T2I_TASKS + EDIT_TASKS
 GUIDANCE = {"t2i_long": 7.0, "t2i_complex": 7.0, "edit_multi": 9.0, "edit_complex": 9.0}
 OFFICIAL_RESOLUTION = 512
-
-
-def default_data_dir() -> str:
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    return os.path.join(os.path.dirname(root), "shared", "data", "semgen_bench")
 
 
 class BenchError(ValueError):
@@ -80,13 +74,13 @@ def load_source(path: str, resolution: int) -> np.ndarray:
         raise BenchError(f"{path}: cannot read the source image ({e})") from None
 
 
-def generate(run, params, *, out_dir: str, method: str, data_dir: str | None = None, limit: int = 0,
+def generate(run, params, *, out_dir: str, method: str, data_dir: str, limit: int = 0,
              tasks=TASKS, steps: int = 50, guidance: float | None = None, settings=None, batch_size: int = 0,
              log=print) -> dict:
     from unialignment_jax.data.images import write_png
     from unialignment_jax.sampling.pipeline import Settings
 
-    items = read_items(data_dir or default_data_dir(), limit)
+    items = read_items(data_dir, limit)
     sampler = run.sampler(batch_size=batch_size)
     res = sampler.resolution
     if res != OFFICIAL_RESOLUTION:

@@ -20,6 +20,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from unialignment_jax import paths
 from unialignment_jax.training.state import TrainState
 
 STATE_FIELDS = TrainState._fields
@@ -38,7 +39,7 @@ def tree_to_state(tree: dict) -> TrainState:
 
 class Checkpointer:
     def __init__(self, directory: epath.PathLike, keep_last: int, keep_every: int = 0, async_save: bool = True):
-        self.directory = epath.Path(directory)
+        self.directory = epath.Path(paths.absolute(directory))  # Orbax refuses relative paths
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep_last,
             keep_period=keep_every or None,
@@ -88,7 +89,7 @@ def restore_params(directory: epath.PathLike, abstract_params: dict, *, ema: boo
     """Only the parameters (or their EMA) of a run's checkpoint, onto the shardings carried by
     `abstract_params` (a pure dict of ShapeDtypeStructs): what `sample`, `evaluate` and `export`
     need, without reading the optimizer state. Returns (params, step, meta)."""
-    manager = ocp.CheckpointManager(epath.Path(directory), item_names=("state", "meta"),
+    manager = ocp.CheckpointManager(epath.Path(paths.absolute(directory)), item_names=("state", "meta"),
                                     options=ocp.CheckpointManagerOptions(read_only=True))
     steps = list(manager.all_steps())
     if not steps:
