@@ -1,4 +1,4 @@
-"""The medium CPU benchmark config (STACK.md / issue 9 targets): width 384 (6 heads x 64), 8 joint
+"""The medium CPU benchmark config (issue 9's targets; docs/performance.md): width 384 (6 heads x 64), 8 joint
 blocks, 256 image tokens (32 x 32 latents, patch 2) + 64 text tokens, batch 8, float32, one device.
 
 The frozen text encoder is a stand-in (one T5 layer of width 4096 = model.context_dim, float32):

@@ -94,9 +94,10 @@ def get_config(arg=None):
     if "tiny" in variants:
         c.model.num_layers, c.model.block_depth = 2, 1
         # The tests train this on 2-process simulated-device meshes (XLA:CPU collectives are fragile
-        # there, STACK.md): with remat "dots" and the 256-wide T5, the 2-process resume test died
-        # (a hang, then lost coordination heartbeats) on the 2-core CI machine; with remat "none"
-        # and the earlier 64-wide T5 it passes. Remat numerics are covered by the remat tests.
+        # there, docs/scaling.md "Simulated devices"): with remat "dots" and the 256-wide T5, the
+        # 2-process resume test died (a hang, then lost coordination heartbeats) on the 2-core CI
+        # machine; with remat "none" and the earlier 64-wide T5 it passes. Remat numerics are covered
+        # by the remat tests.
         c.model.remat = "none"
         c.model.context_dim = 64
         c.text_encoder.update(dict(d_model=64, num_heads=4, d_kv=16, d_ff=128, relative_attention_bias_std=2.0))

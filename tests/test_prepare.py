@@ -24,7 +24,7 @@ from unialignment_jax.data.records import open_prepared, text
 from unialignment_jax.data.tokenizers import build_tokenizer
 from unialignment_jax.tasks import TASKS, num_conditions
 
-# ../shared beside the checkout (as CI lays it out)
+# The SemGen-Bench data (150 COCO images and their prompts) in the shared data folder beside the checkout
 SEMGEN = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared", "data",
                       "semgen_bench")
 

@@ -9,8 +9,9 @@ datasets written by `prepare --latents`); `--pixels` puts the codec's encoder in
 Ratios measured in one process are what we compare across machines and commits: these machines are
 shared and noisy, absolute seconds are not. A step time is the median of `--steps` timed steps
 after two warm-up steps; every step is blocked on (`block_until_ready`), so async dispatch neither
-hides work nor piles executions up (STACK.md). After every step a 2048^3 matmul is timed, and the
-step's fraction of the matmul peak is the median over steps of its rate / the peak sampled after it.
+hides work nor piles executions up (docs/scaling.md, "Simulated devices"). After every step a
+2048^3 matmul is timed, and the step's fraction of the matmul peak is the median over steps of its
+rate / the peak sampled after it.
 
 FLOPs are analytic (models/flops.py): matmul FLOPs x 3 for trained passes (no remat counted), full
 non-causal joint attention, frozen encoders forward only.

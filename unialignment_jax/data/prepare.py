@@ -3,7 +3,8 @@
   unialignment prepare --manifest M.jsonl [--images-root R] --out DIR --task T [--resolution N]
       [--latents] [--teacher qwen|siglip|shapes --teacher-path P] [--strict] [--num-shards K]
 
-Manifest formats (one JSON object per line; METHOD.md §3, dataset/data_unify.py of the official code):
+Manifest formats (one JSON object per line; docs/method.md "Data manifests",
+dataset/data_unify.py of the official code):
   t2i          {"image": [path], "conversations": [{"from": "human", "value": caption},
                                                    {"from": "gpt", "value": "<image>"}]}
                caption = conversations[0].value (also the image-pass prompt, as in the official loop)

@@ -2,7 +2,7 @@
 orders of unmasking.
 
 `order = "random"` is the official one: the `ddpm_cache` update of MDLM / Dual Diffusion, as the
-official `ConditionalMaskedDiffusionSampler` (METHOD.md §4).
+official `ConditionalMaskedDiffusionSampler` (docs/method.md, "Text sampler").
 
   x = the given prefix (VQA: the question's tokens with their trailing EOS; caption: the run's
       input.caption_prompt, or none as officially), MASK elsewhere
