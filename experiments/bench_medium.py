@@ -9,7 +9,7 @@ The variant is the remat policy (default "dots_except_scores", models/layers.py)
 output but the attention scores is saved, the elementwise work between matmuls is recomputed in
 the backward pass. The scan no longer writes every norm, GELU and modulation intermediate of every
 layer to memory and reads it back, which is what an XLA:CPU step spends its non-matmul time on
-(1.3-2x faster steps than "none" here, README), and QK^T (b*h*T^2 floats, 2 * head_dim FLOPs each)
+(1.3-2x faster steps than "none" here, docs/performance.md), and QK^T (b*h*T^2 floats, 2 * head_dim FLOPs each)
 is recomputed rather than stored (1.04-1.06x faster than "dots"; the MFU count is unchanged).
 `experiments/bench_medium.py:none` is the unrematted step, `:dots` keeps the scores too.
 

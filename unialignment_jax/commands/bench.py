@@ -134,7 +134,7 @@ def time_calls_with_peak(fn, steps: int, peak_fn, warmup: int = 2) -> tuple[list
     untimed (call, sample) pairs.
 
     On a shared machine the matmul rate drifts between seconds (112-211 GFLOP/s between processes
-    here, README), so each step is compared with a peak sampled right after it rather than with one
+    here, docs/performance.md), so each step is compared with a peak sampled right after it rather than with one
     measured before all steps. Two warm-ups: the medium step still page-faults ~290k fresh pages in
     its second call (the allocator's heap grows twice before it is steady), none from the third."""
     for _ in range(warmup):

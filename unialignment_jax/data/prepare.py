@@ -13,7 +13,7 @@ dataset/data_unify.py of the official code):
                caption = conversations[0].value (the text pass captions the target, as officially)
   compose      {"original_images": [K paths], "generated_images": [target], "edit_prompt": text, "caption": text}
                edit_prompt is stripped of ' \\"' as officially
-  caption,     ours (LLaVA-style, documented in README/WORKSPACE):
+  caption,     ours (LLaVA-style, documented in docs/method.md):
   vqa            {"image": path or [path], "conversations": [{"from": "human", "value": "<image>\\nQ"},
                                                            {"from": "gpt", "value": A}]}
                or {"image": ..., "caption": text} / {"image": ..., "question": Q, "answer": A}.

@@ -31,7 +31,7 @@ as confidence; the most confident ones are kept so that floor(n (i + 1) / N) of 
 positions are unmasked after step i (the count the official grid unmasks on average), the rest
 stay MASK. Why: the DiT's text stream has no positions of its own and the frozen T5's are
 relative, so the random order's first draws land at random places; then a caption comes out
-with the right words in a partly wrong order (README, "Quality on the demo"). Confident positions
+with the right words in a partly wrong order (docs/quality.md). Confident positions
 are those next to what is known (a prompt, the tokens already placed), so the text grows from its
 anchors. A step that unmasks nothing in the batch reuses the previous model output (the cache).
 
