@@ -1,7 +1,8 @@
 """unialignment_jax: a JAX/Flax framework that trains UniAlignment models from a CPU demo to TPU pods.
 
 Install: `pip install -e .[test]` (CPU, with the PyTorch parity references).
-Pins are the set that installs and works together (see ../shared/STACK.md); torch is pinned to the
+Pins are the set that installs and works together (Python 3.11; jax, flax, orbax, grain
+and tfds versions checked together); torch is pinned to the
 CPU wheel this project's machines carry, because a bare `torch` pulls a multi-GB CUDA build.
 """
 

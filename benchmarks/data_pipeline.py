@@ -1,8 +1,9 @@
 """Input-pipeline throughput for the 2B recipe's record shapes at 512 px, against what a train step eats.
 
 Writes two small prepared datasets per task (t2i, edit) with the shapes of the 2B recipe
-(METHOD.md §1, §3): 512 x 512 JPEG images (real photographs: the SemGen-Bench COCO images, centre-cropped
-and re-encoded at quality 95, as `prepare --resolution 512` does), or 64 x 64 x 16 float16 VAE latents;
+(docs/method.md, "Architecture" and "Training recipe"): 512 x 512 JPEG images (real photographs: the
+SemGen-Bench COCO images, centre-cropped and re-encoded at quality 95, as `prepare --resolution 512`
+does), or 64 x 64 x 16 float16 VAE latents;
 SemGen-Bench-length captions and instructions; 3584-d float16 teacher features. Then it runs the Grain
 pipeline (ArrayRecord read, decode, resize check, normalize, byte-level tokenization to 256, batching
 at the official per-host batch of 48) and reports examples/s per host.

@@ -1,4 +1,4 @@
-"""The medium CPU benchmark config (STACK.md / issue 9 targets): width 384 (6 heads x 64), 8 joint
+"""The medium CPU benchmark config (issue 9's targets; docs/performance.md): width 384 (6 heads x 64), 8 joint
 blocks, 256 image tokens (32 x 32 latents, patch 2) + 64 text tokens, batch 8, float32, one device.
 
 The frozen text encoder is a stand-in (one T5 layer of width 4096 = model.context_dim, float32):
@@ -9,7 +9,7 @@ The variant is the remat policy (default "dots_except_scores", models/layers.py)
 output but the attention scores is saved, the elementwise work between matmuls is recomputed in
 the backward pass. The scan no longer writes every norm, GELU and modulation intermediate of every
 layer to memory and reads it back, which is what an XLA:CPU step spends its non-matmul time on
-(1.3-2x faster steps than "none" here, README), and QK^T (b*h*T^2 floats, 2 * head_dim FLOPs each)
+(1.3-2x faster steps than "none" here, docs/performance.md), and QK^T (b*h*T^2 floats, 2 * head_dim FLOPs each)
 is recomputed rather than stored (1.04-1.06x faster than "dots"; the MFU count is unchanged).
 `experiments/bench_medium.py:none` is the unrematted step, `:dots` keeps the scores too.
 

@@ -7,7 +7,7 @@ Shapes world's closed word vocabulary (32 tokens per text); Shapes-world teacher
 (exact, 64-d) for the intrinsic alignment. Stages: t2i (with the dual-stream caption loss) ->
 + edit and perception -> + compose, caption, VQA.
 
-Toy-scale choices, each measured (README, "Quality on the demo"):
+Toy-scale choices, each measured (docs/quality.md):
   * patch 1, not 2: a 2 x 2 x 48 = 192-d patch into a 128-wide model cannot carry the noise that
     the velocity target (noise - x0) contains; with patch 2 the x0 error at sigma = 1 stayed at
     0.51 against 0.09 for predicting the mean image, with patch 1 it is 0.15 after 500 steps;
@@ -23,14 +23,14 @@ Toy-scale choices, each measured (README, "Quality on the demo"):
   * the caption task asks "What shapes?" (input.caption_prompt; official: no prompt). With no
     given token, every position of an all-MASK text looks the same to the DiT, so the sampler's
     first words land at random places; the prompt is an anchor to count positions from. The
-    official sampler stays an option in `sample` / `evaluate` (README, "Quality on the demo").
+    official sampler stays an option in `sample` / `evaluate` (docs/quality.md).
 
 Run (8 simulated CPU devices, mesh data=2 x fsdp=4):
   bash launch/local.sh train --config experiments/demo.py --workdir runs/demo
 or, in an installed environment:
   unialignment train --config experiments/demo.py --workdir runs/demo --cpu_devices 8
 Variants, combined with commas (`experiments/demo.py:long,no_align`): `tiny` (2 blocks, 12 steps;
-tests), `long` (twice the steps: 2000, the README's quality figures), `no_align` (both alignment
+tests), `long` (twice the steps: 2000, the figures in docs/quality.md), `no_align` (both alignment
 weights 0: the ablation).
 """
 
@@ -57,7 +57,7 @@ def get_config(arg=None):
     c.checkpoint_every = 100
     c.model.update(dict(
         num_layers=4, num_heads=4, head_dim=32, patch_size=1,
-        remat="dots",  # on XLA:CPU 1.3-1.4x faster steps than "none" (README, "Performance and memory")
+        remat="dots",  # on XLA:CPU 1.3-1.4x faster steps than "none" (docs/performance.md)
         in_channels=48, out_channels=48,  # the pixel codec: 3 x 4 x 4
         sample_size=8, pos_embed_max_size=12,
         context_dim=_T5_WIDTH,
@@ -94,9 +94,10 @@ def get_config(arg=None):
     if "tiny" in variants:
         c.model.num_layers, c.model.block_depth = 2, 1
         # The tests train this on 2-process simulated-device meshes (XLA:CPU collectives are fragile
-        # there, STACK.md): with remat "dots" and the 256-wide T5, the 2-process resume test died
-        # (a hang, then lost coordination heartbeats) on the 2-core CI machine; with remat "none"
-        # and the earlier 64-wide T5 it passes. Remat numerics are covered by the remat tests.
+        # there, docs/scaling.md "Simulated devices"): with remat "dots" and the 256-wide T5, the
+        # 2-process resume test died (a hang, then lost coordination heartbeats) on the 2-core CI
+        # machine; with remat "none" and the earlier 64-wide T5 it passes. Remat numerics are covered
+        # by the remat tests.
         c.model.remat = "none"
         c.model.context_dim = 64
         c.text_encoder.update(dict(d_model=64, num_heads=4, d_kv=16, d_ff=128, relative_attention_bias_std=2.0))

@@ -1,4 +1,4 @@
-"""UniAlignment at the paper's scale: the ~2.1B SD3-medium MMDiT of METHOD.md §1, trained on T5-XXL
+"""UniAlignment at the paper's scale: the ~2.1B SD3-medium MMDiT of docs/method.md ("Architecture"), trained on T5-XXL
 features and SD3 VAE latents with the three-stage recipe below.
 
 Model: 24 joint blocks, width 1536 (24 heads x 64), patch 2, 16 latent channels, T5-XXL context

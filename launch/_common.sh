@@ -45,7 +45,7 @@ UA_GPU_XLA_FLAGS="--xla_gpu_enable_latency_hiding_scheduler=true \
 --xla_gpu_enable_pipelined_all_reduce=true \
 --xla_gpu_enable_while_loop_double_buffering=true \
 --xla_disable_hlo_passes=rematerialization"
-# XLA:CPU: the preset that won `benchmarks/torch_reference_step.py --sweep` (README, "Performance"):
+# XLA:CPU: the preset that won `benchmarks/torch_reference_step.py --sweep` (docs/performance.md):
 # YNN fusion off plus jemalloc: 3.81 s per medium step against 5.65 s with the defaults, 4.23 s
 # with jemalloc alone and 7.05 s with YNN off alone.
 UA_CPU_XLA_FLAGS="--xla_cpu_experimental_ynn_fusion_type="

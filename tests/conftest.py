@@ -1,7 +1,8 @@
-"""Test setup: 8 simulated CPU devices, configured before jax is imported (STACK.md).
+"""Test setup: 8 simulated CPU devices, configured before jax is imported
+(docs/scaling.md, "Simulated devices").
 
 The environment (cli.simulated_device_env) avoids XLA:CPU's in-process collective deadlocks on meshes with two or
-more non-trivial axes; multi-step loops must also block on each step's outputs (see STACK.md).
+more non-trivial axes; multi-step loops must also block on each step's outputs (docs/scaling.md).
 """
 
 import os

@@ -79,7 +79,7 @@ def test_xla_flag_presets_are_known_to_jaxlib(chip):
 
 
 def test_cpu_preset_needs_jemalloc():
-    """YNN fusion off only pays with jemalloc (README, Performance): without it, no XLA flags but
+    """YNN fusion off only pays with jemalloc (docs/performance.md): without it, no XLA flags but
     glibc malloc told to keep its memory."""
     with_it = f'UA_JEMALLOC={sys.executable}; source {LAUNCH}/_common.sh; ua_chip_env cpu'
     without = f'UA_JEMALLOC=/nonexistent/libjemalloc.so.2; source {LAUNCH}/_common.sh; ua_chip_env cpu'

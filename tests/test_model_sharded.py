@@ -1,5 +1,5 @@
 """The DiT on 8 simulated devices: every task's forward, output shapes, parameter shardings, and
-the 2B parameter count from abstract shapes (METHOD.md §1.3)."""
+the 2B parameter count from abstract shapes (docs/method.md, "Parameter count")."""
 
 import dataclasses
 
@@ -27,7 +27,7 @@ def test_2b_parameter_count_matches_method():
     count = lambda prefix: sum(int(np.prod(v.shape)) for k, v in flat.items() if k.startswith(prefix))
     total = count("")
     adapters = count("adapter_img") + count("adapter_txt")
-    # METHOD.md §1.3: 84.98M per block, 2.0395B blocks, 49.34M text head, 4.82M image head,
+    # docs/method.md "Parameter count": 84.98M per block, 2.0395B blocks, 49.34M text head, 4.82M image head,
     # ~2.103B transformer, 2 x 10.49M adapters, ~2.124B while training.
     assert count("blocks") == pytest.approx(2.0395e9, rel=1e-4)
     assert count("blocks") / 24 == pytest.approx(84.98e6, rel=1e-4)

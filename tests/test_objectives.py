@@ -1,5 +1,5 @@
 """The pure loss terms against our torch transcription of the official formulas (float32, 1e-5),
-and their properties (METHOD.md §2, issue 4)."""
+and their properties (docs/method.md "Losses", issue 4)."""
 
 import jax
 import jax.numpy as jnp

@@ -76,7 +76,7 @@ def test_qwen_teacher_features():
         tokens = model.get_image_features(inp["pixel_values"], inp["image_grid_thw"]).pooler_output[0]
     assert tokens.shape == (4, 32)  # 2 x 2 merge
     np.testing.assert_allclose(f[1].astype(np.float32), tokens.mean(0).numpy(), atol=2e-3, rtol=1e-2)
-    # METHOD.md §2.4: a 512 px image gives 504 px, 36 x 36 patches, 324 merger tokens
+    # docs/method.md "Intrinsic alignment": a 512 px image gives 504 px, 36 x 36 patches, 324 merger tokens
     inp = ip(images=[torch.zeros(3, 512, 512)], return_tensors="pt", do_rescale=False)
     assert inp["image_grid_thw"].tolist() == [[1, 36, 36]]
     # texts: the mean of the LLM input-token embeddings of the caption's tokens

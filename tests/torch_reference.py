@@ -1,6 +1,6 @@
 """PyTorch reference of the official UniAlignment model class, for parity tests.
 
-Mirrors `SD3JointModelFlexible` as METHOD.md §1 describes it: diffusers' `SD3Transformer2DModel`
+Mirrors `SD3JointModelFlexible` as docs/method.md ("Architecture") describes it: diffusers' `SD3Transformer2DModel`
 with the last block rebuilt non-context-pre-only, a timestep-only embedder whose sinusoid is cast
 to float16 (and back, so it also runs in float32 here), SD3's `norm_out`/`proj_out` replaced by an
 image head and a text head, learned null image tokens, condition latents concatenated after the

@@ -1,4 +1,5 @@
-"""`unialignment <command>` (also `python -m unialignment_jax`): the command-line contract of DESIGN.md.
+"""`unialignment <command>` (also `python -m unialignment_jax`): the command-line contract
+(the commands and flags README.md documents, which other tools rely on).
 
 Every command's arguments are declared here, in one place; the command itself lives in its
 concern's folder and is imported only after the XLA flags are set (`--cpu_devices` must act
@@ -53,8 +54,8 @@ def make_path_arguments_absolute(args: argparse.Namespace) -> None:
 
 def cpu_xla_flags(n_devices: int) -> str:
     """XLA flags for `n` simulated CPU devices. The scheduler flag keeps collectives in one order
-    on every device (STACK.md); the longer collective timeout keeps a loaded machine (8 device
-    threads on 2 cores) from aborting a slow rendezvous; see also `simulated_device_env`."""
+    on every device (docs/scaling.md, "Simulated devices"); the longer collective timeout keeps a
+    loaded machine (8 device threads on 2 cores) from aborting a slow rendezvous; see also `simulated_device_env`."""
     return (f"--xla_force_host_platform_device_count={n_devices} "
             "--xla_cpu_enable_concurrency_optimized_scheduler=false "
             "--xla_cpu_collective_call_terminate_timeout_seconds=600")

@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 
 
 def base_config() -> ConfigDict:
-    """The full schema with the 2B model's values (METHOD.md §1); experiments override values."""
+    """The full schema with the 2B model's values (docs/method.md, "Architecture"); experiments override values."""
     c = ConfigDict()
     c.seed = 0
     c.log_every = 10

@@ -1,6 +1,6 @@
 """Tasks and the batch format every part of the pipeline agrees on.
 
-Each batch holds one task (DESIGN.md principle 5): task-homogeneous batches, one compiled step per
+Each batch holds one task (a design rule of the project): task-homogeneous batches, one compiled step per
 task shape. A batch is a dict of arrays with a leading batch axis B (host-local numpy out of the
 Grain pipeline, global jax arrays in the train step):
 
@@ -18,7 +18,7 @@ Grain pipeline, global jax arrays in the train step):
   teacher_image  (B, Dt) float32  frozen-teacher feature of the target image   (optional)
   teacher_text   (B, Dt) float32  frozen-teacher feature of the caption        (optional)
 
-Token ids use the T5 layout (pad 0, eos 1, unk 2), sequences are EOS-padded to L (METHOD.md §1.1).
+Token ids use the T5 layout (pad 0, eos 1, unk 2), sequences are EOS-padded to L (docs/method.md, "Backbone").
 """
 
 from __future__ import annotations

@@ -9,8 +9,9 @@ datasets written by `prepare --latents`); `--pixels` puts the codec's encoder in
 Ratios measured in one process are what we compare across machines and commits: these machines are
 shared and noisy, absolute seconds are not. A step time is the median of `--steps` timed steps
 after two warm-up steps; every step is blocked on (`block_until_ready`), so async dispatch neither
-hides work nor piles executions up (STACK.md). After every step a 2048^3 matmul is timed, and the
-step's fraction of the matmul peak is the median over steps of its rate / the peak sampled after it.
+hides work nor piles executions up (docs/scaling.md, "Simulated devices"). After every step a
+2048^3 matmul is timed, and the step's fraction of the matmul peak is the median over steps of its
+rate / the peak sampled after it.
 
 FLOPs are analytic (models/flops.py): matmul FLOPs x 3 for trained passes (no remat counted), full
 non-causal joint attention, frozen encoders forward only.
@@ -133,7 +134,7 @@ def time_calls_with_peak(fn, steps: int, peak_fn, warmup: int = 2) -> tuple[list
     untimed (call, sample) pairs.
 
     On a shared machine the matmul rate drifts between seconds (112-211 GFLOP/s between processes
-    here, README), so each step is compared with a peak sampled right after it rather than with one
+    here, docs/performance.md), so each step is compared with a peak sampled right after it rather than with one
     measured before all steps. Two warm-ups: the medium step still page-faults ~290k fresh pages in
     its second call (the allocator's heap grows twice before it is steady), none from the third."""
     for _ in range(warmup):

@@ -3,7 +3,8 @@
   unialignment prepare --manifest M.jsonl [--images-root R] --out DIR --task T [--resolution N]
       [--latents] [--teacher qwen|siglip|shapes --teacher-path P] [--strict] [--num-shards K]
 
-Manifest formats (one JSON object per line; METHOD.md §3, dataset/data_unify.py of the official code):
+Manifest formats (one JSON object per line; docs/method.md "Data manifests",
+dataset/data_unify.py of the official code):
   t2i          {"image": [path], "conversations": [{"from": "human", "value": caption},
                                                    {"from": "gpt", "value": "<image>"}]}
                caption = conversations[0].value (also the image-pass prompt, as in the official loop)
@@ -12,7 +13,7 @@ Manifest formats (one JSON object per line; METHOD.md §3, dataset/data_unify.py
                caption = conversations[0].value (the text pass captions the target, as officially)
   compose      {"original_images": [K paths], "generated_images": [target], "edit_prompt": text, "caption": text}
                edit_prompt is stripped of ' \\"' as officially
-  caption,     ours (LLaVA-style, documented in README/WORKSPACE):
+  caption,     ours (LLaVA-style, documented in docs/method.md):
   vqa            {"image": path or [path], "conversations": [{"from": "human", "value": "<image>\\nQ"},
                                                            {"from": "gpt", "value": A}]}
                or {"image": ..., "caption": text} / {"image": ..., "question": Q, "answer": A}.

@@ -1,6 +1,6 @@
 """The Shapes world: procedural scenes of coloured shapes whose every answer is known exactly.
 
-The embedded default that the demo trains on (DESIGN.md "Data flow"), and a benchmark with exact
+The embedded default that the demo trains on (data.<task> = "shapes", no preparation step), and a benchmark with exact
 scoring. A scene holds 1-3 shapes; a shape is (kind, colour, size, cell): kind in KINDS, colour in
 COLOURS, size in SIZES, cell one of the 9 cells of a 3 x 3 grid (names in POSITIONS). Shapes never
 overlap (one per cell) and are drawn with hard edges on a black background, so an image parses back

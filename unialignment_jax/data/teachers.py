@@ -1,4 +1,5 @@
-"""Frozen teachers for intrinsic alignment (METHOD.md §2.4): features of target images and captions.
+"""Frozen teachers for intrinsic alignment (docs/method.md, "Intrinsic alignment"): features of
+target images and captions.
 
 Interface (every teacher): `name`, `dim`, and
   encode_images(images: sequence of uint8 (H, W, 3) arrays) -> float16 (B, dim)

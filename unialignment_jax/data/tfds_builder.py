@@ -3,7 +3,7 @@
 `prepare.py` constructs it with the dataset's RecordSpec, the split name and a generator of
 (key, record) pairs, and calls `download_and_prepare` with `file_format="array_record"` (written
 with group_size 1 by TFDS, so every record is randomly accessible). The DatasetInfo is built
-directly in `_info` (STACK.md): nothing is downloaded and TensorFlow is never imported. The spec is
+directly in `_info`: nothing is downloaded and TensorFlow is never imported. The spec is
 stored in the dataset metadata, so readers (`records.open_prepared`) use
 `tfds.builder_from_directory` and need no builder class.
 """

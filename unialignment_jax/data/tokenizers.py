@@ -12,7 +12,7 @@ Three implementations behind one interface (`Tokenizer`):
     texts use a few dozen words: a Shapes caption is at most 28 tokens here and up to 118 bytes
     with `ByteTokenizer`, so a 32-token text length holds every caption (the demo's choice).
 
-`encode(texts, length)` matches how UniAlignment tokenizes (METHOD.md §1.1): the text, then EOS;
+`encode(texts, length)` matches how UniAlignment tokenizes (docs/method.md, "Backbone"): the text, then EOS;
 truncated to `length` keeping the final EOS; padded to `length` with EOS (the official code sets
 the pad token to EOS; `pad_with='pad'` pads with id 0 instead). `<extra_id_N>` written in a text
 becomes its id (the mask token is `<extra_id_0>`: `mask_id`). `decode` drops pad and EOS ids

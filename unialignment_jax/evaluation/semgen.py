@@ -1,4 +1,4 @@
-"""`evaluate --suite semgen`: generate SemGen-Bench (METHOD.md §6) for the official external judge.
+"""`evaluate --suite semgen`: generate SemGen-Bench (docs/method.md, "SemGen-Bench") for the official external judge.
 
 Protocol of the official `generate_bench_img.py`:
   * items are the lines of `semgen_bench.jsonl` in order; an item's file name is its 0-based line

@@ -1,6 +1,6 @@
 """The name table: our parameter paths <-> the official UniAlignment PyTorch state-dict keys.
 
-The official model (`SD3JointModelFlexible`, METHOD.md §1) is diffusers' `SD3Transformer2DModel`
+The official model (`SD3JointModelFlexible`, docs/method.md "Architecture") is diffusers' `SD3Transformer2DModel`
 with every block non-context-pre-only, a timestep-only embedder and the UniAlignment heads, so its
 keys are diffusers' SD3 keys plus `image_norm_out`, `image_proj_out`, `text_norm_out` (no
 parameters), `text_proj_out`, `null_image_embd`, `siglip_adapter_img`, `siglip_adapter_text`.

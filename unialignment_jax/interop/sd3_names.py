@@ -1,6 +1,6 @@
 """The diffusers SD3 table: official UniAlignment keys <-> `SD3Transformer2DModel` keys.
 
-The official model is SD3's transformer changed in four places (METHOD.md §1); this module says,
+The official model is SD3's transformer changed in four places (docs/method.md, "Backbone"); this module says,
 for each official key, where it lives in a diffusers `SD3Transformer2DModel` state dict, and what
 has no place there (the side file of `export --format diffusers`, re-initialised on an SD3 import).
 

@@ -1,6 +1,6 @@
 """Analytic FLOPs of the DiT (and the frozen text encoder), for MFU and `inspect`.
 
-The formula (documented in README): count 2 FLOPs per multiply-add of every matmul, including
+The formula (documented in docs/performance.md, "MFU"): count 2 FLOPs per multiply-add of every matmul, including
 attention's QK^T and PV over the full non-causal joint sequence; ignore elementwise work (norms,
 activations, softmax), which is a few percent. A training pass costs 3x its forward (backward =
 2x forward) with no remat; recomputation under remat is *not* counted, so MFU stays comparable

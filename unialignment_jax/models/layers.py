@@ -52,7 +52,7 @@ def dots_except_scores(prim, *avals, **params) -> bool:
     Scores are the largest per-layer intermediate (b*h*T^2) and the cheapest to recompute per
     element (2 * head_dim FLOPs), so the backward pass recomputes QK^T from the kept q and k rather
     than writing the scores to the scan's residual buffer and reading them back: on the medium CPU
-    step 1.04-1.06x faster than `checkpoint_dots` for 1.7% more FLOPs (README, "Performance and memory").
+    step 1.04-1.06x faster than `checkpoint_dots` for 1.7% more FLOPs (docs/performance.md).
     """
     if prim is not jax.lax.dot_general_p:
         return False

@@ -1,4 +1,5 @@
-"""The UniAlignment MMDiT: SD3-medium's joint transformer as modified by Dual Diffusion (METHOD.md §1).
+"""The UniAlignment MMDiT: SD3-medium's joint transformer as modified by Dual Diffusion
+(docs/method.md, "Architecture").
 
 Differences from SD3's `SD3Transformer2DModel`, all from the official `SD3JointModelFlexible`:
   * every block keeps both streams' outputs (no context-pre-only last block);

@@ -1,7 +1,8 @@
 """The frozen T5 v1.1 encoder (HF `T5EncoderModel` with `feed_forward_proj='gated-gelu'`) in Flax NNX.
 
 UniAlignment encodes every prompt, and re-encodes every randomly masked caption in each text pass,
-with the T5-v1.1-XXL encoder (METHOD.md §1.1, §2.2), so it runs inside the jitted train step.
+with the T5-v1.1-XXL encoder (docs/method.md, "Backbone" and "Text masked diffusion"), so it runs
+inside the jitted train step.
 
 T5 v1.1, as HF computes it:
   * one shared token embedding (no scaling by sqrt(d_model));

@@ -1,6 +1,6 @@
 """The SD3 VAE: diffusers `AutoencoderKL` in Flax NNX, NHWC, frozen.
 
-UniAlignment trains and samples in SD3 VAE latents (METHOD.md §1.1): 8x downsampling, 16 channels,
+UniAlignment trains and samples in SD3 VAE latents (docs/method.md, "Backbone"): 8x downsampling, 16 channels,
 latent = (posterior sample - shift_factor) * scaling_factor with 0.0609 / 1.5305. `encode` runs
 inside jitted train steps (on-the-fly latents, `rng` given = a posterior sample, None = its mean) and
 in data preparation (precomputed latents); `decode` turns sampled latents back into pixels.

@@ -1,4 +1,4 @@
-"""Intrinsic-modal alignment (REPA-like, pooled; METHOD.md §2.4).
+"""Intrinsic-modal alignment (REPA-like, pooled; docs/method.md "Intrinsic alignment").
 
 The adapters' outputs at the `block_depth` tap (`tap_image` from the image pass, `tap_text` from
 the text pass) are pulled towards frozen teacher features supplied with the batch (official:

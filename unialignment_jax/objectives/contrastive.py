@@ -1,4 +1,5 @@
-"""Cross-modal alignment: symmetric InfoNCE between pooled image and text features (METHOD.md §2.3).
+"""Cross-modal alignment: symmetric InfoNCE between pooled image and text features
+(docs/method.md, "Contrastive alignment").
 
 Official (`ContrastiveLoss` in train.py): `f_I = normalize(mean_tokens(image_hidden))` from the image
 pass (final target tokens after the image head's AdaLN norm), `f_T = normalize(mean_tokens

@@ -1,4 +1,5 @@
-"""Image flow matching (rectified flow, SD3 style), as the official `ImageFlowMatchingLoss` (METHOD.md §2.1).
+"""Image flow matching (rectified flow, SD3 style), as the official `ImageFlowMatchingLoss`
+(docs/method.md, "Image flow matching").
 
 The official recipe, piece by piece:
   * sigma: `u = sigmoid(N(0, 1))` (logit-normal), `idx = floor(1000 u)`, `sigma = (1000 - idx) / 1000`,

@@ -1,12 +1,12 @@
 """Masked discrete text diffusion (MDLM, continuous time, SUBS), as the official
-`TextMaskedDiffusionLoss` (METHOD.md §2.2; identical to Dual Diffusion's and MDLM's).
+`TextMaskedDiffusionLoss` (docs/method.md "Text masked diffusion"; identical to Dual Diffusion's and MDLM's).
 
   * log-linear noise, eps = 1e-3: `sigma(t) = -log1p(-(1 - eps) t)`, `sigma'(t) = (1 - eps) /
     (1 - (1 - eps) t)`; a token is masked with probability `1 - exp(-sigma(t)) = (1 - eps) t`;
   * antithetic (stratified) t over the batch: `t_i = eps + (1 - eps) ((U_i / n + i / n) mod 1)`.
     The official (and MDLM) code draws one uniform per example (`torch.rand(n)`), so each of the n
     strata [i/n, (i+1)/n) gets exactly one t with its own jitter; `shared_uniform=True` uses one U
-    for the whole batch (a systematic sample, as METHOD.md words it). Both cover each stratum once;
+    for the whole batch (a systematic sample). Both cover each stratum once;
   * SUBS: the mask logit gets -1e6 (the official's finite "-infinity"), log-softmax; unmasked
     positions copy their token and contribute exactly zero loss;
   * weight `sigma'(t) / expm1(sigma(t))` (= 1/t exactly; kept in the official form);

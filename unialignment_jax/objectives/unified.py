@@ -1,4 +1,4 @@
-"""The dual-stream objective of one task batch (METHOD.md §2, `train.py`'s micro-step).
+"""The dual-stream objective of one task batch (docs/method.md "Losses", `train.py`'s micro-step).
 
 Two passes of the same DiT per example:
   * image pass (t2i, edit, perception, compose): the noisy target latent x_sigma, the prompt (or

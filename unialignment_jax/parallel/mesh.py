@@ -81,7 +81,8 @@ def device_grid(mesh_cfg, devices: Sequence[Any]) -> np.ndarray:
 
 
 def make_mesh(mesh_cfg, devices: Sequence[Any] | None = None) -> Mesh:
-    """A `Mesh` with Auto axis types (GSPMD-style steps; see STACK.md on Explicit axes)."""
+    """A `Mesh` with Auto axis types (GSPMD-style steps; `jax.make_mesh`'s default
+    Explicit axes fail them with "Contracting dimensions are sharded")."""
     devices = jax.devices() if devices is None else devices
     grid = device_grid(mesh_cfg, devices)
     mesh = Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))

@@ -1,4 +1,4 @@
-"""`unialignment sample`: one task from a trained run (DESIGN.md's command-line contract).
+"""`unialignment sample`: one task from a trained run (the command-line contract, README.md).
 
   unialignment sample --workdir W --task t2i --prompt "a large red circle at the center." --out a.png
   unialignment sample --workdir W --task edit --prompt "Make the circle blue." --image src.png --out b.png

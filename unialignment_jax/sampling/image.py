@@ -1,5 +1,5 @@
 """The image sampler (t2i, edit, perception, compose): Euler steps of flow matching with
-classifier-free guidance, as the official pipeline (METHOD.md §4), in one jitted computation.
+classifier-free guidance, as the official pipeline (docs/method.md, "Image sampler"), in one jitted computation.
 
   x_N ~ N(0, I) per example (key = fold_in(key(seed), example index): a sample does not depend on
         the batch it was drawn in, nor on padding)

@@ -12,7 +12,7 @@ and each chunk is one call of a compiled sampler (compiled once per task shape, 
 guidance on/off; the guidance scale and seed are arguments). Example i of a call draws its noise
 from (seed, indices[i]) (default indices 0..n-1), so results do not depend on `batch_size`.
 
-Defaults are the official settings (METHOD.md §4): 50 image steps, guidance 7 with the official
+Defaults are the official settings (docs/method.md, "Sampling"): 50 image steps, guidance 7 with the official
 negative prompt, SD3's timestep shift 3.0; 32 text steps at the configured text length; except the
 text sampler's unmasking order: most confident positions first (`text_order = "random"` is the
 official ddpm_cache; sampling/text.py).

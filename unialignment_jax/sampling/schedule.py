@@ -1,4 +1,4 @@
-"""Time grids of the two samplers (METHOD.md §4), computed on the host with the official arithmetic.
+"""Time grids of the two samplers (docs/method.md, "Sampling"), computed on the host with the official arithmetic.
 
 Image (flow matching): diffusers' `FlowMatchEulerDiscreteScheduler.set_timesteps(N)` without dynamic
 shifting, which is what the official pipeline runs:

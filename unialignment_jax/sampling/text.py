@@ -2,7 +2,7 @@
 orders of unmasking.
 
 `order = "random"` is the official one: the `ddpm_cache` update of MDLM / Dual Diffusion, as the
-official `ConditionalMaskedDiffusionSampler` (METHOD.md §4).
+official `ConditionalMaskedDiffusionSampler` (docs/method.md, "Text sampler").
 
   x = the given prefix (VQA: the question's tokens with their trailing EOS; caption: the run's
       input.caption_prompt, or none as officially), MASK elsewhere
@@ -31,7 +31,7 @@ as confidence; the most confident ones are kept so that floor(n (i + 1) / N) of 
 positions are unmasked after step i (the count the official grid unmasks on average), the rest
 stay MASK. Why: the DiT's text stream has no positions of its own and the frozen T5's are
 relative, so the random order's first draws land at random places; then a caption comes out
-with the right words in a partly wrong order (README, "Quality on the demo"). Confident positions
+with the right words in a partly wrong order (docs/quality.md). Confident positions
 are those next to what is known (a prompt, the tokens already placed), so the text grows from its
 anchors. A step that unmasks nothing in the batch reuses the previous model output (the cache).
 

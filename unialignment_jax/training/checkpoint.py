@@ -8,7 +8,8 @@ iterators' states), saved asynchronously.
   one that restores.
 * Restore always targets the *current* mesh: the target is a tree of ShapeDtypeStructs carrying
   the shardings this run computed, so a run saved on one mesh resumes on another.
-* The train state is saved as a plain dict of arrays (Orbax handles pure trees best; STACK.md).
+* The train state is saved as a plain dict of arrays (Orbax handles pure trees best;
+  Variable-wrapped and pure checkpoints are not interchangeable).
 """
 
 from __future__ import annotations

@@ -62,7 +62,7 @@ def build_frozen(config, mesh, rules, tokenizer=None) -> Frozen:
     frozen.arrays["null_features"] = jax.device_put(
         null.astype(jnp.float32), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     # Block: on simulated CPU devices a resharding still in flight when the first step's
-    # collectives start can deadlock XLA:CPU (STACK.md).
+    # collectives start can deadlock XLA:CPU (docs/scaling.md, "Simulated devices").
     jax.block_until_ready(frozen.arrays)
     return frozen
 

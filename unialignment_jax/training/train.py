@@ -108,7 +108,7 @@ def _train(args, config, stop, multi_process) -> int:
         state, meta = checkpointer.restore(latest, spec.abstract)
         data_states = meta.get("data")
         logging.info("train: resumed %s at step %d (stage %s)", workdir, latest, meta.get("stage"))
-    jax.block_until_ready(state)  # nothing may be in flight when the first step starts (STACK.md)
+    jax.block_until_ready(state)  # nothing may be in flight when the first step starts (docs/scaling.md)
     start_step = int(jax.device_get(state.step))
     n_params = state_lib.count_params(state.params)
     logging.info("DiT parameters: %s; mesh %s; rules %s", f"{n_params:,}", dict(mesh.shape), config.sharding.rules)
@@ -159,7 +159,7 @@ def _train(args, config, stop, multi_process) -> int:
             batch = data.next_batch(stage, task)
             fn, compile_seconds = compiled_step(stage, task, batch, lr)
             state, step_metrics = fn(state, frozen.arrays, batch, lr)
-            if simulated:  # XLA:CPU's simulated devices deadlock with executions in flight (STACK.md)
+            if simulated:  # XLA:CPU's simulated devices deadlock with executions in flight (docs/scaling.md)
                 jax.block_until_ready(state.step)
             if pending is not None:
                 # The previous step's time: from its start to this one's, less this one's compile.
