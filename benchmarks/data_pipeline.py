@@ -38,13 +38,13 @@ from unialignment_jax.data import pipeline as P  # noqa: E402
 from unialignment_jax.data.records import RecordSpec, new_record  # noqa: E402
 from unialignment_jax.data.tfds_builder import UnialignmentRecords, array_record_compression  # noqa: E402
 
-SEMGEN = os.path.join(os.path.dirname(ROOT), "shared", "data", "semgen_bench")
+SEMGEN = os.path.join(ROOT, "tests", "data", "semgen_bench")  # 8 real photographs and their prompts
 RES, LATENT, TEACHER_DIM, TEXT_LENGTH = 512, (64, 64, 16), 3584, 256
 COMPRESSION = "uncompressed"  # prepare's default (--compression)
 
 
 def photos(n: int) -> list[bytes]:
-    """n JPEGs of 512 x 512 (SemGen-Bench photos when present, else smooth random images)."""
+    """n JPEGs of 512 x 512 (the SemGen-Bench photos the tests ship, repeated)."""
     from PIL import Image
 
     out = []
