@@ -42,7 +42,17 @@ setup(
     description="Train UniAlignment (unified MMDiT for generation, editing, perception, understanding) in JAX/Flax",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    license="Apache-2.0",
+    python_requires=">=3.11",  # jax 0.10 needs 3.11
+    classifiers=[
+        "Development Status :: 4 - Beta",
+        "Intended Audience :: Science/Research",
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3.11",
+        "Programming Language :: Python :: 3.12",
+        "Operating System :: POSIX :: Linux",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
     packages=find_packages(include=["unialignment_jax", "unialignment_jax.*"]),
     install_requires=CORE,
     extras_require={

@@ -19,6 +19,8 @@ from fake_bucket import FakeBucket  # the in-memory gs:// (conftest.py: the `buc
 from unialignment_jax import paths
 from unialignment_jax.data import shapes as S
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 try:  # the tiny trained run of the export tests (a module fixture: trained once for this module)
     from tests.test_export import run_dir  # noqa: F401
 except pytest.skip.Exception:  # torch / diffusers not installed: the round trip test skips
@@ -249,3 +251,90 @@ def test_tokenizer_file_here_sees_bucket_files(bucket):
     assert not tokenizer_file_here(cfg("sentencepiece", f"{bucket}/spiece.model"))
     epath.Path(f"{bucket}/spiece.model").write_bytes(b"x")
     assert tokenizer_file_here(cfg("sentencepiece", f"{bucket}/spiece.model"))
+
+
+# ----------------------------------------- what users type: relative, ~, spaces, trailing slash, symlinks
+
+
+def test_absolute_takes_what_users_type(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert paths.absolute("runs/demo") == str(tmp_path / "runs" / "demo")
+    assert paths.absolute("runs/demo/") == paths.absolute("./runs/../runs/demo") == str(tmp_path / "runs" / "demo")
+    assert paths.absolute("~/runs/x") == str(tmp_path / "home" / "runs" / "x")
+    assert paths.absolute("my runs/x y") == str(tmp_path / "my runs" / "x y")
+    assert paths.absolute("gs://b/runs/x/") == "gs://b/runs/x" and paths.absolute("gs://b") == "gs://b"
+    assert paths.absolute("") == ""
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    assert paths.absolute("link/run") == str(tmp_path / "link" / "run")  # the link is kept, not resolved
+
+
+def test_cli_makes_every_path_argument_absolute(tmp_path, monkeypatch):
+    from unialignment_jax import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    parser = cli.build_parser()
+    cases = {
+        "sample": ["--workdir", "runs/demo/", "--task", "edit", "--image", "a.png", "b.png", "--out", "~/o.png"],
+        "evaluate": ["--workdir", "runs/demo", "--suite", "semgen", "--data", "bench dir", "--out", "results"],
+        "export": ["--workdir", "runs/demo", "--out", "gs://b/out/"],
+        "import": ["--source", "weights/sd3", "--config", "c.py", "--workdir", "runs/new"],
+        "prepare": ["--manifest", "m1.jsonl", "--manifest", "m2.jsonl", "--images-root", "imgs", "--out", "data/t2i",
+                    "--task", "t2i", "--teacher-path", "~/qwen"],
+        "train": ["--config", "c.py", "--workdir", "runs/demo"],
+    }
+    for command, argv in cases.items():
+        args, _ = parser.parse_known_args([command, *argv])
+        cli.make_path_arguments_absolute(args)
+        for name in cli.PATH_ARGUMENTS:
+            value = getattr(args, name, None)
+            for v in (value if isinstance(value, list) else [value]):
+                if v is not None:
+                    assert v == paths.absolute(v) and (os.path.isabs(v) or v.startswith("gs://")), (command, name, v)
+    args, _ = parser.parse_known_args(["sample", *cases["sample"]])
+    cli.make_path_arguments_absolute(args)
+    assert args.workdir == str(tmp_path / "runs" / "demo") and args.out == str(tmp_path / "home" / "o.png")
+    assert args.image == [str(tmp_path / "a.png"), str(tmp_path / "b.png")]
+
+
+def test_config_paths_are_made_absolute_where_the_command_starts(tmp_path, monkeypatch):
+    from unialignment_jax import config as config_lib
+
+    monkeypatch.chdir(tmp_path)
+    config = config_lib.load(f"{ROOT}/experiments/unialignment_2b.py", [
+        "--config.data.edit=data/edit:3,gs://b/perception/,data/more/",
+        "--config.data.t2i=shapes",
+        "--config.text_encoder.mask_embedding=~/mask row.npy",
+    ])
+    assert config.text_encoder.weights == str(tmp_path / "weights" / "t5")
+    assert config.tokenizer.path == str(tmp_path / "weights" / "t5" / "spiece.model")
+    assert config.codec.weights == str(tmp_path / "weights" / "sd3_vae")
+    assert config.text_encoder.mask_embedding == os.path.expanduser("~/mask row.npy")
+    assert config.data.edit == f"{tmp_path}/data/edit:3,gs://b/perception,{tmp_path}/data/more"
+    assert config.data.t2i == "shapes" and config.data.caption == str(tmp_path / "data" / "caption")
+    assert not config.compilation_cache_dir.startswith("~")
+    with pytest.raises(config_lib.ConfigError, match="config.data.vqa"):
+        config_lib.load(f"{ROOT}/experiments/unialignment_2b.py", ["--config.data.vqa=data/vqa:-1"])
+
+
+def test_checkpoints_under_relative_spaced_and_symlinked_directories(tmp_path, monkeypatch):
+    """Orbax refuses relative paths: the Checkpointer makes its directory absolute itself."""
+    import jax
+    import jax.numpy as jnp
+
+    from unialignment_jax.training import checkpoint as checkpoint_lib
+    from unialignment_jax.training.state import TrainState
+
+    (tmp_path / "real dir").mkdir()
+    os.symlink(tmp_path / "real dir", tmp_path / "link")
+    monkeypatch.chdir(tmp_path)
+    state = TrainState(step=jnp.asarray(3), params={"w": jnp.arange(4.0)}, opt_state={"mu": jnp.zeros(4)},
+                       ema=None, rng=jnp.asarray([0, 1], jnp.uint32), nonfinite=jnp.asarray(0))
+    for directory in ("runs/a b/checkpoints/", "link/run/checkpoints"):
+        ckpt = checkpoint_lib.Checkpointer(directory, keep_last=2, async_save=False)
+        ckpt.save(state, {"step": 3}, force=True)
+        ckpt.close()
+        params, step, meta = checkpoint_lib.restore_params(directory, {"w": jax.ShapeDtypeStruct((4,), jnp.float32)})
+        assert step == 3 and meta == {"step": 3} and params["w"].tolist() == [0, 1, 2, 3]
+    assert (tmp_path / "real dir" / "run" / "checkpoints" / "3").is_dir()

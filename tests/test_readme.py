@@ -27,6 +27,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -84,8 +85,10 @@ def readme_root(tmp_path_factory):
 
 def run_in(root, command: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env = dict(os.environ, UNIALIGNMENT_VENV=sys.prefix)  # the launcher uses this environment
+    t0 = time.perf_counter()
     proc = subprocess.run(["bash", "-c", command], cwd=root, env=env, capture_output=True, text=True,
                           timeout=timeout)
+    print(f"{time.perf_counter() - t0:6.1f} s  {command}")  # pytest -s shows where the time goes
     assert proc.returncode == 0, f"README command failed ({proc.returncode}): {command}\n{proc.stderr[-4000:]}"
     return proc
 
