@@ -314,6 +314,11 @@ def test_config_paths_are_made_absolute_where_the_command_starts(tmp_path, monke
     assert config.data.edit == f"{tmp_path}/data/edit:3,gs://b/perception,{tmp_path}/data/more"
     assert config.data.t2i == "shapes" and config.data.caption == str(tmp_path / "data" / "caption")
     assert not config.compilation_cache_dir.startswith("~")
+    os.makedirs(tmp_path / "home" / "exp")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    with open(tmp_path / "home" / "exp" / "demo.py", "w") as f:
+        f.write(open(f"{ROOT}/experiments/demo.py").read())
+    assert config_lib.load("~/exp/demo.py:tiny").model.num_layers == 2  # `--config=~/...` gets no shell expansion
     with pytest.raises(config_lib.ConfigError, match="config.data.vqa"):
         config_lib.load(f"{ROOT}/experiments/unialignment_2b.py", ["--config.data.vqa=data/vqa:-1"])
 

@@ -221,6 +221,7 @@ def load(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
     if bad:
         raise ConfigError(f"unknown argument {bad[0]!r} (config overrides look like --config.a.b=value)")
     path, variant = split_spec(spec)
+    path = paths.absolute(path)  # `--config=~/exp.py` (no shell expansion after "=")
     if not paths.is_file(path):
         raise ConfigError(f"--config {spec}: cannot load ({path}: no such file)")
     # A remote file (gs://...) is imported from a temporary local copy (Python imports local files).
