@@ -67,20 +67,28 @@ def test_resume_mid_epoch_is_exact(task):
         assert_same(next(fresh), want)
 
 
-def prepared_t2i(tmp_path, n=10):
+def prepare_dataset(tmp_path, task="t2i", n=10, name="row") -> str:
+    """`unialignment prepare` on n rows captioned "{name} {i}"; the dataset's directory (tmp_path/name)."""
     from unialignment_jax.data import prepare, prepare_args
 
-    manifest = str(tmp_path / "rows.jsonl")
+    manifest = str(tmp_path / f"{name}.jsonl")
     with open(manifest, "w") as f:
         for i in range(n):
-            path = str(tmp_path / f"{i}.png")
+            path = str(tmp_path / f"{name}{i}.png")
             Image.new("RGB", (8, 8), (i, 0, 0)).save(path)
-            f.write(json.dumps({"image": [path], "conversations": [{"from": "human", "value": f"row {i}"},
-                                                                   {"from": "gpt", "value": "<image>"}]}) + "\n")
-    out = str(tmp_path / "ds")
-    args = prepare_args.build_parser().parse_args(["--manifest", manifest, "--out", out, "--task", "t2i"])
+            turns = [{"from": "human", "value": f"{name} {i}"}, {"from": "gpt", "value": "<image>"}]
+            row = {"image": [path], "conversations": turns}
+            if task != "t2i":  # edit / perception: [source, target] and an instruction
+                row.update(image=[path, path], instruction=f"make {name} {i}")
+            f.write(json.dumps(row) + "\n")
+    out = str(tmp_path / name)
+    args = prepare_args.build_parser().parse_args(["--manifest", manifest, "--out", out, "--task", task])
     assert prepare.run(args) == 0
-    return P.prepared_source(out, "train")
+    return out
+
+
+def prepared_t2i(tmp_path, n=10):
+    return P.prepared_source(prepare_dataset(tmp_path, "t2i", n, "row"), "train")
 
 
 def test_resume_through_orbax_and_across_epochs(tmp_path):
@@ -139,6 +147,31 @@ def test_mixture_follows_the_weights():
     assert names.count("a") == 300 and names.count("b") == 100
     assert P.parse_source_list("/d/x_{split}:3,shapes, /d/y:0.5") == [("/d/x_{split}", 3.0), ("shapes", 1.0),
                                                                        ("/d/y", 0.5)]
+
+
+def test_size_weighted_mixture_of_edit_and_perception(tmp_path):
+    """`DIR:size,DIR:size` draws each source in proportion to its record count, as a shuffle of
+    the concatenation (the official loader's edit + perception dataset); perception records feed
+    the edit task."""
+    edit = prepare_dataset(tmp_path, "edit", 12, "edit")
+    perception = prepare_dataset(tmp_path, "perception", 4, "depth")
+    config = small_config()
+    config.data.edit = f"{edit}:size,{perception}:size"
+    tok = build_tokenizer(config.tokenizer)
+    it = P.make_train_iterator(config, "edit", process_index=0, process_count=1, batch_size=8)
+    names = [c.split()[0] for _ in range(40) for c in captions(next(it), tok)]
+    assert names.count("edit") / len(names) == pytest.approx(12 / 16, abs=0.01)
+    # the first 16 examples are one pass over both datasets, each record once
+    it = P.make_train_iterator(config, "edit", process_index=0, process_count=1, batch_size=16)
+    every_record = [f"edit {i}" for i in range(12)] + [f"depth {i}" for i in range(4)]
+    assert sorted(captions(next(it), tok)) == sorted(every_record)
+    assert P.absolute_source_list(config.data.edit) == config.data.edit  # `size` survives the path rewrite
+    config.data.edit = f"{edit}:size,{perception}"
+    with pytest.raises(ValueError, match="config.data.edit .* weight every source by `size` or none"):
+        P.check_data_config(config, ["edit"])
+    config.data.edit = f"{edit}:size,{prepare_dataset(tmp_path, 't2i', 2, 'plain')}:size"
+    with pytest.raises(ValueError, match="config.data.edit .* records"):  # t2i records cannot feed edit
+        P.check_data_config(config, ["edit"])
 
 
 class FlakySource:

@@ -29,6 +29,15 @@ TASKS = ("t2i", "edit", "perception", "compose", "caption", "vqa")
 IMAGE_PASS_TASKS = ("t2i", "edit", "perception", "compose")
 # Tasks with condition images, and how many.
 CONDITION_TASKS = ("edit", "perception", "compose")
+# Tasks whose records and batches are alike (one condition image and an instruction): a dataset
+# prepared for one may feed the other's mixture. The official loader shuffles its edit and
+# perception files into one dataset, which `data.edit = "EDIT:size,PERCEPTION:size"` reproduces.
+RECORD_FAMILIES = {"perception": "edit"}
+
+
+def record_family(task: str) -> str:
+    """The task whose records `task`'s records are (itself, or edit for perception)."""
+    return RECORD_FAMILIES.get(task, task)
 
 
 def num_conditions(task: str, num_compose_refs: int) -> int:

@@ -18,7 +18,11 @@ exactly, and it can be checkpointed through Orbax with `grain.checkpoint.Checkpo
 
 Data config (`config.data`; defaults in DATA_DEFAULTS): per task a source list
 "PATH[:WEIGHT],PATH[:WEIGHT],..." where PATH is a prepared dataset directory (it may hold `{split}`,
-replaced by the split name) or `shapes` (the Shapes world, generated on the fly).
+replaced by the split name) or `shapes` (the Shapes world, generated on the fly). WEIGHT is a
+positive number (default 1), or `size` on every source of the list: each source then weighs its
+record count, so the mixture draws every source in proportion to its size, as a shuffle of the
+sources' concatenation does (the official loader's edit + perception dataset). Edit and
+perception records are alike (tasks.record_family): either task's datasets may feed the other.
 
 Reading a config: `make_train_iterator(config, task, ...)` / `make_eval_iterator(...)`. Lower level:
 `build_dataset` / `make_iterator` over explicit `Source`s (tests, benchmarks, custom mixtures).
@@ -37,7 +41,7 @@ import numpy as np
 from unialignment_jax import paths
 from unialignment_jax.data import images as image_lib
 from unialignment_jax.data.records import RecordSpec, open_prepared, text
-from unialignment_jax.tasks import IMAGE_PASS_TASKS, check_task, num_conditions
+from unialignment_jax.tasks import IMAGE_PASS_TASKS, check_task, num_conditions, record_family
 
 log = logging.getLogger(__name__)
 
@@ -103,13 +107,18 @@ class Source:
     name: str = ""
 
 
-def prepared_source(path: str, split: str, weight: float = 1.0) -> Source:
-    """A dataset written by `unialignment prepare` (`path` may hold `{split}`)."""
+SIZE_WEIGHT = "size"  # a source-list weight: the source's record count (see the module docstring)
+
+
+def prepared_source(path: str, split: str, weight: float | str = 1.0) -> Source:
+    """A dataset written by `unialignment prepare` (`path` may hold `{split}`); weight `size`:
+    the split's record count."""
     path = path.replace("{split}", split)
     builder, spec = open_prepared(path)
     if split not in builder.info.splits:
         raise ValueError(f"{path}: no split {split!r} (it has {sorted(builder.info.splits)})")
-    return Source(builder.as_data_source(split=split), spec, weight, f"{path}[{split}]")
+    source = builder.as_data_source(split=split)
+    return Source(source, spec, float(len(source)) if weight == SIZE_WEIGHT else weight, f"{path}[{split}]")
 
 
 def shapes_source(task: str, split: str, resolution: int, num_compose_refs: int, teacher_dim: int,
@@ -122,24 +131,30 @@ def shapes_source(task: str, split: str, resolution: int, num_compose_refs: int,
     return Source(src, spec, weight, f"shapes/{task}/{split}")
 
 
-def parse_source_list(text_spec: str) -> list[tuple[str, float]]:
-    """'a:2,b' -> [('a', 2.0), ('b', 1.0)]."""
+def parse_source_list(text_spec: str) -> list[tuple[str, float | str]]:
+    """'a:2,b' -> [('a', 2.0), ('b', 1.0)]; 'a:size,b:size' -> [('a', 'size'), ('b', 'size')]."""
     out = []
     for item in (s.strip() for s in text_spec.split(",")):
         if not item:
             continue
         path, weight = item, 1.0
         head, sep, tail = item.rpartition(":")
-        if sep:
+        if sep and tail.strip() == SIZE_WEIGHT:
+            path, weight = head, SIZE_WEIGHT
+        elif sep:
             try:
                 path, weight = head, float(tail)
             except ValueError:
                 pass
-        if weight <= 0:
+        if weight != SIZE_WEIGHT and weight <= 0:
             raise ValueError(f"data source {item!r}: weights must be positive")
         out.append((path, weight))
     if not out:
         raise ValueError(f"empty data source list {text_spec!r}")
+    by_size = [w == SIZE_WEIGHT for _, w in out]
+    if any(by_size) and not all(by_size):
+        raise ValueError(f"data source list {text_spec!r}: weight every source by `{SIZE_WEIGHT}` or none "
+                         "(a size-weighted mixture draws each source in proportion to its record count)")
     return out
 
 
@@ -149,7 +164,10 @@ def absolute_source_list(text_spec: str) -> str:
     items = []
     for path, weight in parse_source_list(text_spec):
         path = path if path == "shapes" else paths.absolute(path)
-        items.append(path if weight == 1.0 else f"{path}:{weight:g}")
+        if weight == 1.0:
+            items.append(path)
+        else:
+            items.append(f"{path}:{weight}" if weight == SIZE_WEIGHT else f"{path}:{weight:g}")
     return ",".join(items)
 
 
@@ -176,7 +194,7 @@ def example_format(task: str, specs: Sequence[RecordSpec], resolution: int, text
                    tokenizer_cfg: Mapping, use_teacher: bool = True, caption_prompt: str = "") -> ExampleFormat:
     """The common format of the sources of one task; raises ValueError on incompatible sources."""
     k = {s.num_cond for s in specs}
-    if any(s.task != task for s in specs) or len(k) != 1:
+    if any(record_family(s.task) != record_family(task) for s in specs) or len(k) != 1:
         raise ValueError(f"task {task}: sources hold {[s.task for s in specs]} records with {sorted(k)} "
                          "condition images")
     latents = {s.has_latents and not s.has_images for s in specs}
@@ -483,7 +501,8 @@ def task_sources(config, task: str, split: str, resolution: int | None = None) -
             size = d["shapes_train_size"] if split == "train" else d["shapes_eval_size"]
             teacher_dim = int(config.model.adapter_out) if d["teacher"] else 0
             out.append(shapes_source(task, split, res, int(config.input.num_compose_refs), teacher_dim,
-                                     int(size), int(d["shapes_seed"]), weight))
+                                     int(size), int(d["shapes_seed"]),
+                                     float(size) if weight == SIZE_WEIGHT else weight))
         else:
             out.append(prepared_source(path, split, weight))
     return out
@@ -627,7 +646,7 @@ def batch_shapes(config, task: str, batch_size: int | None = None, resolution: i
 
 
 __all__ = ["DATA_DEFAULTS", "data_config", "Source", "prepared_source", "shapes_source", "parse_source_list",
-           "ExampleFormat", "example_format", "config_format", "DecodeExample", "Bad", "SafeSource", "build_dataset",
-           "make_iterator", "make_train_iterator", "make_eval_iterator", "HostBatchIterator", "shard",
+           "SIZE_WEIGHT", "ExampleFormat", "example_format", "config_format", "DecodeExample", "Bad", "SafeSource",
+           "build_dataset", "make_iterator", "make_train_iterator", "make_eval_iterator", "HostBatchIterator", "shard",
            "to_global_batch", "batch_sharding", "batch_shapes", "task_sources", "tokenize_vqa", "check_data_config",
            "measure_throughput"]
