@@ -29,10 +29,18 @@ COMMANDS = {
                "a run's weights as PyTorch safetensors (official UniAlignment or diffusers SD3 layout)"),
     "import": ("unialignment_jax.interop.import_weights", True,
                "start a run (step 0) from SD3 / official UniAlignment safetensors weights"),
+    "convert-mask": ("unialignment_jax.interop.convert_mask", "optional",
+                     "the official MASK row (a torch .pth) as the safetensors file text_encoder.mask_embedding reads"),
     "sample": ("unialignment_jax.sampling.command", False,
                "run one task (t2i, edit, perception, compose, caption, vqa) with a trained run's weights"),
     "evaluate": ("unialignment_jax.evaluation.command", False,
                  "an evaluation suite (val_loss, shapes, semgen) on a trained run"),
+}
+
+# What an optional --config is for, per command.
+OPTIONAL_CONFIG_HELP = {
+    "prepare": " (optional: supplies defaults such as codec.* for --latents)",
+    "convert-mask": " (optional: the row's width must equal its text_encoder.d_model)",
 }
 
 
@@ -83,8 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         if needs_config:
             p.add_argument("--config", required=needs_config is True,
                            help="experiments/x.py[:variant]; override with --config.a.b=v"
-                                + ("" if needs_config is True else
-                                   " (optional: supplies defaults such as codec.* for --latents)"))
+                                + ("" if needs_config is True else OPTIONAL_CONFIG_HELP[name]))
         p.add_argument("--cpu_devices", type=int, default=0,
                        help="simulate N devices on the CPU (sets XLA flags before jax is imported)")
         p.add_argument("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -109,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
                            help="initialise tensors the source lacks as a fresh run would (listed in the report)")
             p.add_argument("--allow-unexpected", dest="allow_unexpected", action="store_true",
                            help="drop source tensors the model has no place for (listed in the report)")
+        if name == "convert-mask":
+            p.add_argument("--source", required=True,
+                           help="the official checkpoint/mask_token_emb.00-of-01.pth (read with torch.load, "
+                                "weights_only=True: tensors only)")
+            p.add_argument("--out", required=True, help="the .safetensors file to write (must not exist)")
         if name == "train":
             p.add_argument("--workdir", required=True, help="run directory (checkpoints, TensorBoard, metrics)")
         if name in ("inspect", "bench"):

@@ -83,7 +83,12 @@ def base_config() -> ConfigDict:
         relative_attention_bias_std=0.0,  # random init only; 0 = HF's d_model**-0.5
         mask_token_id=32099,  # the tokenizer's <extra_id_0> (byte tokenizer: 259); -1 = no mask row
         weights="",  # HF T5EncoderModel safetensors: a file, or a directory with an index json
-        mask_embedding="",  # .npy / .safetensors file with the aligned <extra_id_0> row (official: from DD)
+        # The aligned MASK row for <extra_id_0>: a .npy / .safetensors file (official: the Dual
+        # Diffusion row, `unialignment convert-mask` converts its .pth), or "none": the tokenizer's
+        # stock row on purpose. `train` refuses "" when `weights` loads pretrained T5 weights and
+        # mask_token_id >= 0 (pretrained T5's stock row is not the row the official training uses;
+        # models/encoders.check_mask_embedding); with random T5 weights (the demo) "" is the stock row.
+        mask_embedding="",
         train_mask_embedding=False,  # must stay False: the trainer keeps the whole T5 frozen (see validate)
         use_attention_mask=False,  # official: no mask, EOS padding
         scan_layers=True,
@@ -253,6 +258,14 @@ def load(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
 
 # Config keys that name files or directories (besides config.data.<task> source lists).
 PATH_KEYS = ("text_encoder.weights", "text_encoder.mask_embedding", "codec.weights", "tokenizer.path")
+NO_MASK_EMBEDDING = "none"  # text_encoder.mask_embedding: the tokenizer's stock row, deliberately (not a path)
+
+
+def mask_embedding_file(text_encoder) -> str:
+    """The `text_encoder.mask_embedding` file to read, or "" ("" or "none": keep the stock row).
+    `text_encoder` is the config section, or its dict from a run's config.json."""
+    value = str(text_encoder["mask_embedding"] or "")
+    return "" if value == NO_MASK_EMBEDDING else value
 
 
 def make_paths_absolute(config: ConfigDict) -> None:
@@ -263,6 +276,8 @@ def make_paths_absolute(config: ConfigDict) -> None:
 
     for key in PATH_KEYS:
         section, name = key.split(".")
+        if key == "text_encoder.mask_embedding" and config[section][name] == NO_MASK_EMBEDDING:
+            continue  # a choice, not a file
         config[section][name] = paths.absolute(config[section][name])
     config.compilation_cache_dir = paths.absolute(config.compilation_cache_dir)
     vocabulary = config.tokenizer.vocabulary
@@ -414,7 +429,7 @@ def _validate_encoders(config: ConfigDict) -> None:
     _check(not te.train_mask_embedding, "text_encoder.train_mask_embedding", te.train_mask_embedding,
            "is not supported by the trainer: T5 stays frozen as in the official recipe, mask row "
            "included (set it with text_encoder.mask_embedding)")
-    _check(not te.mask_embedding or te.mask_token_id >= 0, "text_encoder.mask_embedding", te.mask_embedding,
+    _check(not mask_embedding_file(te) or te.mask_token_id >= 0, "text_encoder.mask_embedding", te.mask_embedding,
            "needs a mask row (text_encoder.mask_token_id >= 0)")
     _check(te.remat in t5.REMAT_POLICIES, "text_encoder.remat", te.remat, f"choose one of {sorted(t5.REMAT_POLICIES)}")
     for key in ("dtype", "param_dtype"):
@@ -458,4 +473,4 @@ def check_mesh_fits(config: ConfigDict, n_devices: int) -> dict[str, int]:
 
 
 __all__ = ["ConfigError", "base_config", "load", "validate", "check_mesh_fits", "stage_names", "new_stages",
-           "ml_collections"]
+           "mask_embedding_file", "ml_collections"]

@@ -24,6 +24,7 @@ from unialignment_jax.models.t5 import T5Config, T5Encoder
 from unialignment_jax.models.vae import AutoencoderKL, VAEConfig
 
 T5_FILES = ("model.safetensors",)
+PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pkl")
 DIFFUSERS_FILES = ("diffusion_pytorch_model.safetensors",)
 # HF config.json fields that must agree with our T5Config when a config.json sits next to the weights.
 _T5_CHECKED_FIELDS = ("d_model", "num_layers", "num_heads", "d_kv", "d_ff", "vocab_size",
@@ -50,7 +51,12 @@ def _check_hf_t5_config(path: str, cfg: T5Config) -> None:
 def read_mask_embedding(path: str, d_model: int) -> np.ndarray:
     """The replacement `<extra_id_0>` row: a .npy array or a .safetensors file with one tensor,
     of shape (d_model,) or (1, d_model). (The official file is a torch pickle: convert it once with
-    `safetensors.torch.save_file({'mask_token_emb': t}, path)`; pickles are never read here.)"""
+    `unialignment convert-mask` (interop/convert_mask.py); pickles are never read here.)"""
+    if path.endswith(PICKLE_SUFFIXES):
+        raise ValueError(f"text_encoder.mask_embedding = {path!r}: a PyTorch pickle, never read here; convert it "
+                         "once: unialignment convert-mask --source FILE --out FILE.safetensors")
+    if not paths.is_file(path):
+        raise ValueError(f"text_encoder.mask_embedding = {path!r}: no such file")
     if path.endswith(".npy"):
         try:
             if paths.is_remote(path):
@@ -61,10 +67,13 @@ def read_mask_embedding(path: str, d_model: int) -> np.ndarray:
         except (OSError, ValueError) as e:
             raise ValueError(f"text_encoder.mask_embedding = {path!r}: cannot read ({e})") from None
     elif path.endswith(".safetensors"):
-        f = SafetensorsFile(path)
-        if len(f.keys()) != 1:
-            raise ValueError(f"text_encoder.mask_embedding = {path!r}: expected one tensor, found {f.keys()}")
-        x = np.asarray(f.array(f.keys()[0]))
+        try:
+            f = SafetensorsFile(path)
+            if len(f.keys()) != 1:
+                raise ValueError(f"expected one tensor, found {f.keys()}")
+            x = np.asarray(f.array(f.keys()[0]))
+        except ValueError as e:
+            raise ValueError(f"text_encoder.mask_embedding = {path!r}: {e}") from None
     else:
         raise ValueError(f"text_encoder.mask_embedding = {path!r}: use a .npy or .safetensors file")
     if x.shape not in ((d_model,), (1, d_model)):

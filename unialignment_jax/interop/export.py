@@ -30,7 +30,8 @@ What DIR holds (an SD3-style pipeline folder):
                                               (no HF class) writes its vocabulary there
   mask_token_emb.safetensors                  the `<extra_id_0>` embedding row the run's T5 used
                                               (key `mask_token_emb`, (d_model,) float32): from
-                                              text_encoder.mask_embedding, else row mask_token_id of
+                                              the text_encoder.mask_embedding file, else (unset or
+                                              "none") row mask_token_id of
                                               text_encoder.weights; absent for a random T5. The
                                               trainer does not train this row yet, so it is the
                                               configured row, not a trained one
@@ -70,6 +71,7 @@ import numpy as np
 from etils import epath
 
 from unialignment_jax import paths
+from unialignment_jax.config import mask_embedding_file
 from unialignment_jax.interop import convert, sd3_names
 from unialignment_jax.interop.safetensors_write import SafetensorsWriter, save_file
 
@@ -189,9 +191,9 @@ def mask_token_row(config) -> tuple[np.ndarray | None, str]:
     if te["mask_token_id"] is None or te["mask_token_id"] < 0:
         return None, "no mask row (text_encoder.mask_token_id = -1)"
     d_model = T5Config.from_config(te).d_model
-    if te["mask_embedding"]:
-        return encoder_import.read_mask_embedding(te["mask_embedding"], d_model), \
-            f"text_encoder.mask_embedding ({te['mask_embedding']})"
+    mask_file = mask_embedding_file(te)  # "none": the stock row, as below
+    if mask_file:
+        return encoder_import.read_mask_embedding(mask_file, d_model), f"text_encoder.mask_embedding ({mask_file})"
     if te["weights"]:
         ckpt = Checkpoint(te["weights"], encoder_import.T5_FILES)
         key = next((k for k in (t5_names.EMBED_KEY, *t5_names.TIED_ALIASES[t5_names.EMBED_KEY]) if k in ckpt), None)

@@ -20,7 +20,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from unialignment_jax.config import ConfigError
+from unialignment_jax.config import NO_MASK_EMBEDDING, ConfigError, mask_embedding_file
 from unialignment_jax.data import tokenizers
 from unialignment_jax.models import create
 from unialignment_jax.models.pixel_codec import PixelCodec
@@ -100,9 +100,37 @@ def check_consistency(config: Any, tokenizer: tokenizers.Tokenizer | None = None
             raise ConfigError(f"config.model.{key} = {m[key]}: {what}")
 
 
+def read_mask_row(config: Any):
+    """The `text_encoder.mask_embedding` row ((d_model,) float32), or None ("" or "none")."""
+    from unialignment_jax.interop import encoder_import
+
+    path = mask_embedding_file(config.text_encoder)
+    if not path:
+        return None
+    try:
+        return encoder_import.read_mask_embedding(path, t5_config(config).d_model)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"config.{e}" if str(e).startswith("text_encoder.") else str(e)) from None
+
+
+def check_mask_embedding(config: Any) -> None:
+    """Before a run starts (`train`, exit 2): the MASK row is chosen and readable. Pretrained T5
+    (`text_encoder.weights` set) with a mask row (mask_token_id >= 0) needs `mask_embedding` = a
+    file (read here: it exists, at the T5 width) or "none" (the stock row on purpose)."""
+    te = config.text_encoder
+    if te.weights and te.mask_token_id >= 0 and not te.mask_embedding:
+        raise ConfigError(
+            "config.text_encoder.mask_embedding = '': text_encoder.weights loads pretrained T5, whose stock "
+            f"row {te.mask_token_id} is not the aligned MASK row the official training writes there. Convert the "
+            "official checkpoint/mask_token_emb.00-of-01.pth once (unialignment convert-mask --source FILE.pth "
+            "--out weights/mask_token_emb.safetensors) and set text_encoder.mask_embedding to it, or set "
+            f"text_encoder.mask_embedding={NO_MASK_EMBEDDING} to train with the stock row on purpose")
+    read_mask_row(config)
+
+
 def build_text_encoder(config: Any, mesh=None, rules=None) -> T5Encoder:
     """The T5 encoder on the mesh's shardings (on one device without a mesh): random init, or
-    `text_encoder.weights` streamed in; then the `text_encoder.mask_embedding` row, if given."""
+    `text_encoder.weights` streamed in; then the `text_encoder.mask_embedding` row, if a file is given."""
     from unialignment_jax.interop import encoder_import
 
     te = config.text_encoder
@@ -111,11 +139,8 @@ def build_text_encoder(config: Any, mesh=None, rules=None) -> T5Encoder:
         model = encoder_import.load_t5(te.weights, cfg, mesh, rules)
     else:
         model = _create(lambda: T5Encoder(cfg, rngs=nnx.Rngs(config.seed)), mesh, rules)
-    if te.mask_embedding:
-        try:
-            row = encoder_import.read_mask_embedding(te.mask_embedding, cfg.d_model)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"config.{e}" if str(e).startswith("text_encoder.") else str(e)) from None
+    row = read_mask_row(config)
+    if row is not None:
         encoder_import.set_mask_embedding(model, row)
     return model
 

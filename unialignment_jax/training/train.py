@@ -1,6 +1,6 @@
 """`unialignment train`: the one training loop, readable top to bottom.
 
-  1. check the config against the devices (exit 2 before anything is written)
+  1. check the config against the devices, the MASK row and the data (exit 2 before anything is written)
   2. mesh, frozen encoders (text encoder, codec, tokenizer), the train state's shapes/shardings
   3. a fresh sharded train state, or the latest checkpoint restored onto this mesh
   4. data iterators per (stage, task), restored to their saved positions
@@ -29,6 +29,7 @@ from etils import epath
 
 from unialignment_jax import config as config_lib
 from unialignment_jax.models import create
+from unialignment_jax.models import encoders as encoder_factories
 from unialignment_jax.parallel import mesh as mesh_lib
 from unialignment_jax.parallel import rules as rules_lib
 from unialignment_jax.sampling import hook as sample_hook_lib
@@ -73,6 +74,7 @@ def _train(args, config, stop, multi_process) -> int:
     # -- 1. checks that need the devices, before anything is written ---------------------------
     try:
         config_lib.check_mesh_fits(config, jax.device_count())
+        encoder_factories.check_mask_embedding(config)  # pretrained T5 needs its MASK row chosen
         schedule = schedule_lib.from_config(config)
         inputs_lib.check_data_config(config, schedule)
     except (config_lib.ConfigError, ValueError) as e:
