@@ -28,6 +28,7 @@ CORE = [
     "ml_dtypes==0.7.0",  # bfloat16 tensors in safetensors (interop/safetensors_io.py)
     "numpy==2.4.6",
     "absl-py==2.5.1",
+    "tqdm==4.70.1",  # progress bars of prepare, evaluate, sample, export, import (unialignment_jax/progress.py)
 ]
 
 TORCH = [  # parity references, export checks, data preparation (teacher features)

@@ -64,6 +64,8 @@ def test_stage_order_is_kept():
     (["--config.stages.editing.accum_steps=3"], "accum_steps"),
     (["--config.optimizer.grad_accum_reduce=max"], "grad_accum_reduce"),
     (["--config.ema.decay=1.0"], "ema.decay"),
+    (["--config.sample.steps=0"], "sample.steps"),
+    (["--config.sample.cfg=-1.0"], "sample.cfg"),
     (["--config.objective.flow_loss=eps"], "flow_loss"),
     (["--config.text_encoder.preset=t5_giant"], "text_encoder.preset"),
     (["--config.text_encoder.train_mask_embedding=True"], "text_encoder.train_mask_embedding .* not supported"),

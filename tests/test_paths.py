@@ -306,7 +306,9 @@ def test_config_paths_are_made_absolute_where_the_command_starts(tmp_path, monke
         "--config.data.edit=data/edit:3,gs://b/perception/,data/more/",
         "--config.data.t2i=shapes",
         "--config.text_encoder.mask_embedding=~/mask row.npy",
+        "--config.sample.prompts=prompts/grid.txt",
     ])
+    assert config.sample.prompts == str(tmp_path / "prompts" / "grid.txt")
     assert config.text_encoder.weights == str(tmp_path / "weights" / "t5")
     assert config.tokenizer.path == str(tmp_path / "weights" / "t5" / "spiece.model")
     assert config.codec.weights == str(tmp_path / "weights" / "sd3_vae")

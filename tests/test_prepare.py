@@ -5,6 +5,7 @@ import glob
 import io
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unialignment_jax import cli
+from unialignment_jax import cli, progress
 from unialignment_jax.config import base_config
 from unialignment_jax.data import images as image_lib
 from unialignment_jax.data import pipeline as P
@@ -317,6 +318,21 @@ def test_shard_count_and_workers(tmp_path, capsys):
     for i in range(len(b)):  # worker processes (and zstd chunks) give the same records as inline, uncompressed
         r = b[i]
         assert r["target_image"] == by_key[text(r["key"])]["target_image"]
+
+
+def test_progress_bar_counts_rows_when_forced(tmp_path, capsys, monkeypatch):
+    """UNIALIGNMENT_PROGRESS=1 draws the bar on stderr although it is not a terminal here; unset,
+    there is none (pytest's stderr is not a terminal); 0 turns it off everywhere."""
+    manifest = S.write_official("t2i", "train", 3, str(tmp_path / "src"), resolution=32)
+    monkeypatch.setenv(progress.ENV, "1")
+    rc, cap = run_prepare(["--manifest", manifest, "--out", str(tmp_path / "a"), "--task", "t2i"], None, capsys)
+    assert rc == 0, cap.err
+    assert re.search(r"prepare t2i: 100%\|.*\| 3/3 \[[0-9:]+<[0-9:]+, .*row/s, written 3, skipped 0\]", cap.err), cap.err
+    monkeypatch.delenv(progress.ENV)
+    rc, cap = run_prepare(["--manifest", manifest, "--out", str(tmp_path / "b"), "--task", "t2i"], None, capsys)
+    assert rc == 0 and "row/s" not in cap.err, cap.err
+    monkeypatch.setenv(progress.ENV, "0")
+    assert progress.disable() is True
 
 
 def test_bad_arguments_exit_2(tmp_path, capsys):

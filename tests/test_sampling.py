@@ -1,7 +1,8 @@
 """The samplers (sampling/) on the tiny demo model on 8 simulated devices (mesh data=2 x fsdp=4):
 the sigma grid and Euler steps against diffusers' scheduler, output shapes, determinism by seed,
 guidance 1 = the conditional sampler, the text sampler's cache = the uncached loop, the VQA prefix and
-the caption prompt, the `sample` command (outputs and exit code 2 on bad input) and the in-training hook.
+the caption prompt, the `sample` command (outputs, a grid of a prompt file, exit code 2 on bad input)
+and the in-training hook (its default and configured prompts).
 
 The DiT's parameters are random, perturbed away from the AdaLN-Zero init (whose zero image head
 would make every image sampler output prompt-independent)."""
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from unialignment_jax import cli
+from unialignment_jax import cli, progress
 from unialignment_jax import config as config_lib
 from unialignment_jax.data import shapes
 from unialignment_jax.models import create
@@ -24,7 +25,7 @@ from unialignment_jax.objectives import text_diffusion
 from unialignment_jax.parallel import mesh as mesh_lib
 from unialignment_jax.parallel import rules as rules_lib
 from unialignment_jax.sampling import image as image_lib
-from unialignment_jax.sampling import pipeline, restore, schedule
+from unialignment_jax.sampling import grids, pipeline, prompts, restore, schedule
 from unialignment_jax.sampling import text as text_lib
 from unialignment_jax.training import encoders as encoders_lib
 
@@ -331,8 +332,40 @@ def test_sample_command_writes_png_and_text(run_dir, tmp_path, capsys):
     assert txt.read_text().strip() == printed.strip()
 
 
+GRID_PROMPTS = ["a large red circle at the center.", "a small blue square at the top left.",
+                "a large green triangle at the bottom."]
+
+
+def test_sample_command_grid_of_a_prompt_file(run_dir, tiny, tmp_path, capsys, monkeypatch):
+    """--prompts: one PNG, cell j = the batched sampler's image of line j; the forced progress bar
+    counts the images."""
+    from PIL import Image
+
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text("\n".join(GRID_PROMPTS[:2]) + "\n\n" + GRID_PROMPTS[2] + "\n")  # a blank line is skipped
+    out = tmp_path / "grid.png"
+    monkeypatch.setenv(progress.ENV, "1")
+    assert cli.main(["sample", "--workdir", run_dir, "--task", "t2i", "--prompts", str(prompt_file),
+                     "--steps", "3", "--out", str(out)]) == 0
+    assert "sample t2i: 100%" in capsys.readouterr().err
+    img = np.asarray(Image.open(out))
+    assert img.shape == (2 + 34, 2 + 3 * 34, 3)  # one row of three 32 px cells, 2 px apart
+    expected = tiny["sampler"].generate(tiny["params"], "t2i", GRID_PROMPTS, settings=STEPS)
+    for j in range(3):
+        np.testing.assert_array_equal(img[2:34, 2 + 34 * j:34 + 34 * j], expected[j])
+
+
+def test_configured_sample_prompts():
+    assert prompts.from_config("") is None
+    assert prompts.from_config(" a red circle. | a blue square. |") == ["a red circle.", "a blue square."]
+    with pytest.raises(prompts.PromptError, match="config.sample.prompts = 'nowhere/p.txt': cannot read"):
+        prompts.from_config("nowhere/p.txt")
+    with pytest.raises(prompts.PromptError, match="no prompts"):
+        prompts.from_config(" | ")
+
+
 @pytest.mark.parametrize("case", ["no_workdir", "no_checkpoint", "image_count", "unreadable", "no_question",
-                                  "bad_step"])
+                                  "bad_step", "prompts_file", "prompts_task"])
 def test_sample_command_bad_input_exits_2(case, run_dir, tmp_path, capsys):
     png = tmp_path / "x.png"
     from PIL import Image
@@ -350,6 +383,8 @@ def test_sample_command_bad_input_exits_2(case, run_dir, tmp_path, capsys):
         "unreadable": ["--workdir", run_dir, "--task", "edit", "--prompt", "x", "--image", str(bad)],
         "no_question": ["--workdir", run_dir, "--task", "vqa", "--image", str(png)],
         "bad_step": ["--workdir", run_dir, "--task", "caption", "--image", str(png), "--step", "7"],
+        "prompts_file": ["--workdir", run_dir, "--task", "t2i", "--prompts", str(tmp_path / "none.txt")],
+        "prompts_task": ["--workdir", run_dir, "--task", "edit", "--prompts", str(bad), "--image", str(png)],
     }[case]
     assert cli.main(["sample", *args, "--out", str(tmp_path / "o.png")]) == 2
     err = capsys.readouterr().err
@@ -377,3 +412,29 @@ def test_sample_hook_writes_grid_and_captions(tiny, tmp_path):
     assert grid.dtype == np.uint8 and grid.shape[0] > 5 * 128  # 5 rows of enlarged 32 px cells
     assert (tmp_path / "samples" / "step_7.png").exists()
     assert "caption 1:" in writer.texts[7]["samples/captions"]
+
+
+def test_sample_hook_draws_the_configured_prompts(tiny, tmp_path):
+    """config.sample.prompts (a .txt file) replaces the Shapes defaults; sample.steps / sample.cfg
+    are the image sampler's settings."""
+    from unialignment_jax.sampling.hook import make_sample_hook
+
+    class Writer:
+        def write_images(self, step, images):
+            self.image = images["samples/grid"]
+
+        def write_texts(self, step, texts):
+            self.text = texts["samples/captions"]
+
+    prompt_file = tmp_path / "p.txt"
+    prompt_file.write_text("\n".join(GRID_PROMPTS[:2]) + "\n")
+    config = config_lib.load(tiny["config_path"], [f"--config.sample.prompts={prompt_file}",
+                                                   "--config.sample.steps=3", "--config.sample.cfg=7.0"])
+    hook = make_sample_hook(config, tiny["frozen"], tiny["mesh"], tiny["rules"], num_captions=1)
+    writer = Writer()
+    hook(3, tiny["params"], writer, str(tmp_path))
+    assert writer.image.shape == (2 + 130, 2 + 2 * 130, 3)  # one row of two cells enlarged to 128 px
+    expected = tiny["sampler"].generate(tiny["params"], "t2i", GRID_PROMPTS[:2], settings=STEPS)
+    np.testing.assert_array_equal(writer.image[2:130, 132:260], grids.enlarge(expected[1]))
+    assert f"t2i 1: {GRID_PROMPTS[1]}" in writer.text and "caption of t2i 0:" in writer.text
+    assert "edit 0:" not in writer.text

@@ -195,6 +195,7 @@ def test_nonfinite_steps_stop_the_run_and_keep_the_checkpoint(repo_root, tmp_pat
     (["--config.data.teacher=False"], "no teacher features"),
     (["--config.mesh.data=3"], "cannot fill 8 devices"),
     (["--config.text_encoder.weights=weights/t5"], "text_encoder.mask_embedding = ''"),  # pretrained T5, no row
+    (["--config.sample_every=2", "--config.sample.prompts=nowhere/p.txt"], "sample.prompts"),
 ])
 def test_configs_that_cannot_run_exit_2_before_writing(repo_root, tmp_path, extra, message):
     workdir = tmp_path / "bad"

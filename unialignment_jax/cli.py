@@ -48,7 +48,7 @@ OPTIONAL_CONFIG_HELP = {
 # (`paths.absolute`: ~ expanded, URIs kept), so that nothing downstream depends on the directory the
 # command was started from: Orbax refuses relative paths, and what a run records (config.json,
 # export_info.json, the SemGen tree) must still resolve for a command started elsewhere.
-PATH_ARGUMENTS = ("workdir", "out", "data", "source", "manifest", "images_root", "image", "teacher_path")
+PATH_ARGUMENTS = ("workdir", "out", "data", "source", "manifest", "images_root", "image", "teacher_path", "prompts")
 
 
 def make_path_arguments_absolute(args: argparse.Namespace) -> None:
@@ -167,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--task", required=True, choices=TASKS)
             p.add_argument("--prompt", default=None,
                            help="prompt (t2i), instruction (edit, perception, compose) or question (vqa)")
+            p.add_argument("--prompts", default=None,
+                           help="t2i: a text file with one prompt per line; --out is one grid PNG of them")
+            p.add_argument("--batch", type=int, default=0,
+                           help="with --prompts: examples per compiled sampler call (default: data x fsdp)")
             p.add_argument("--image", action="extend", nargs="+", default=[],
                            help="condition image(s): one for edit/perception/caption/vqa, "
                                 "input.num_compose_refs for compose")
@@ -174,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--cfg", type=float, default=7.0, help="guidance scale (<= 1: no guidance)")
             p.add_argument("--negative_prompt", default=None,
                            help="negative prompt of the guidance (default: the official one)")
-            p.add_argument("--out", required=True, help="output file: PNG for image tasks, text for caption/vqa")
+            p.add_argument("--out", required=True,
+                           help="output file: PNG for image tasks (a grid with --prompts), text for caption/vqa")
         if name == "evaluate":
             p.add_argument("--suite", required=True, choices=["val_loss", "shapes", "semgen"])
             p.add_argument("--out", default=None,

@@ -168,6 +168,10 @@ def base_config() -> ConfigDict:
     c.keep_checkpoint_every = 0  # ... plus every checkpoint at a multiple of this step (0: none)
     c.max_nonfinite_steps = 10  # consecutive skipped (non-finite) updates before the run stops
     c.sample_every = 0  # steps between sample grids (0: never)
+    # What those grids show (sampling/hook.py): prompts "" = the hook's defaults for the run's data
+    # (Shapes scenes and edits for a Shapes run), a .txt file (one prompt per line) or prompts
+    # separated by '|'; the image sampler's steps and guidance scale (official: 50 and 7).
+    c.sample = ConfigDict(dict(prompts="", steps=50, cfg=7.0))
     c.progress = "auto"  # progress line on a terminal: auto | on | off
     # XLA's persistent compilation cache (restarts after preemption skip recompiling); '' disables.
     c.compilation_cache_dir = "~/.cache/unialignment_jax/xla"
@@ -280,6 +284,8 @@ def make_paths_absolute(config: ConfigDict) -> None:
             continue  # a choice, not a file
         config[section][name] = paths.absolute(config[section][name])
     config.compilation_cache_dir = paths.absolute(config.compilation_cache_dir)
+    if config.sample.prompts.endswith(".txt"):  # a prompt file (else prompts separated by '|')
+        config.sample.prompts = paths.absolute(config.sample.prompts)
     vocabulary = config.tokenizer.vocabulary
     if vocabulary and vocabulary != "shapes":  # "shapes": the Shapes world's built-in word list
         config.tokenizer.vocabulary = paths.absolute(vocabulary)
@@ -370,6 +376,11 @@ def _validate_training(config: ConfigDict) -> None:
     for key in ("keep_checkpoint_every", "sample_every"):
         _check(isinstance(config[key], int) and config[key] >= 0, key, config[key], "must be >= 0 (0: off)")
     _check(config.progress in ("auto", "on", "off"), "progress", config.progress, "choose auto, on or off")
+    if "sample" in config:  # absent in the config.json of older runs
+        _check(isinstance(config.sample.prompts, str), "sample.prompts", config.sample.prompts,
+               "must be a string: '' (defaults), a .txt file, or prompts separated by '|'")
+        _positive_ints(config.sample, "sample", ("steps",))
+        _check(config.sample.cfg >= 0, "sample.cfg", config.sample.cfg, "must be >= 0 (<= 1: no guidance)")
     _check(len(config.stages) > 0, "stages", "{}", "needs at least one stage")
     for name in stage_names(config):
         st = config.stages[name]

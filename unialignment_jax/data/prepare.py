@@ -27,6 +27,9 @@ bytes untouched), --latents (codec latents through config.codec: the pixel codec
 posterior mean), --teacher (float16 teacher features; the text input is the caption, for vqa the
 question and the answer), --num-shards K (default: TFDS's size rule, at least --min-shards files),
 --workers N (decode in processes), --compression (ArrayRecord chunks; uncompressed by default).
+Progress: a bar of rows read (rate; ETA for local manifests, whose rows are counted first) on a
+terminal or with UNIALIGNMENT_PROGRESS=1 (unialignment_jax/progress.py); otherwise a log line per
+10,000 rows.
 
 Bad rows never crash the run and never lose good rows: each is reported with its manifest line and
 reason (malformed JSON, non-UTF-8 text, wrong field types, missing field, empty text, missing image,
@@ -55,7 +58,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from etils import epath
 
-from unialignment_jax import paths
+from unialignment_jax import paths, progress
 from unialignment_jax.data import images as image_lib
 from unialignment_jax.data import manifests
 from unialignment_jax.data.manifests import Row, RowOptions, process_star
@@ -257,6 +260,7 @@ class _Preparer:
         self.opts, self.report = opts, report
         self.encoder = None
         self.teacher = None
+        self.bar = None  # the progress bar, set by prepare() around the build
         spec = opts.spec
         if spec.has_latents:
             self.encoder = _LatentEncoder(opts.codec_config, opts.batch_size)
@@ -277,10 +281,17 @@ class _Preparer:
                     if not raw.strip():
                         continue
                     self.report.read += 1
-                    if self.report.read % 10_000 == 0:
-                        log.info("prepare: %d rows read, %d written, %d skipped", self.report.read,
-                                 self.report.written, sum(self.report.skipped.values()))
+                    self._show_progress()
                     yield path, (f"{i}/{base}:{n}" if multi else f"{base}:{n}"), n, raw
+
+    def _show_progress(self, update: int = 1) -> None:
+        """The bar (rows read; written and skipped so far), or without one a log line per 10,000 rows."""
+        r = self.report
+        self.bar.update(update)
+        if not self.bar.disable:
+            self.bar.set_postfix_str(f"written {r.written}, skipped {sum(r.skipped.values())}", refresh=not update)
+        elif update and r.read % 10_000 == 0:
+            log.info("prepare: %d rows read, %d written, %d skipped", r.read, r.written, sum(r.skipped.values()))
 
     def _results(self) -> Iterator[tuple[str, tuple]]:
         o = self.opts
@@ -385,6 +396,18 @@ class _Preparer:
                 batch = []
         if batch:
             yield from self._finish(batch)
+        self._show_progress(update=0)  # the final counts
+
+
+def _count_rows(manifests: list[str]) -> int | None:
+    """Non-blank lines of the manifests (the bar's total), or None when one is remote (read once only)."""
+    if any(paths.is_remote(m) for m in manifests):
+        return None
+    n = 0
+    for m in manifests:
+        with open(m, "rb") as f:
+            n += sum(1 for raw in f if raw.strip())
+    return n
 
 
 def _download_config(num_shards: int, floor: int):
@@ -444,7 +467,8 @@ def prepare(opts: PrepareOptions, report: PrepareReport | None = None) -> Prepar
                                       extra_metadata=extra, data_dir=tmp, file_format="array_record")
         try:
             chatter = io.StringIO()  # TFDS prints progress lines; keep stdout for the summary
-            with contextlib.redirect_stdout(chatter), array_record_compression(opts.compression):
+            with contextlib.redirect_stdout(chatter), array_record_compression(opts.compression), \
+                    progress.bar(_count_rows(opts.manifests), f"prepare {opts.task}", unit="row") as preparer.bar:
                 builder.download_and_prepare(download_config=_download_config(opts.num_shards, opts.min_shards))
             log.info("tfds: %s", chatter.getvalue().strip())
         except AssertionError as e:  # TFDS: "No examples were yielded."

@@ -13,7 +13,8 @@ Protocol of the official `generate_bench_img.py`:
     `--image_path <out>/<method>`.
 Per-item noise comes from (seed, task, key), so a subset (`limit`) reproduces the full run's images.
 The data directory and the output root may be URIs (`gs://...`, through etils epath:
-unialignment_jax/paths.py); images are encoded in memory and written whole.
+unialignment_jax/paths.py); images are encoded in memory and written whole. A progress bar per task
+counts images as each compiled sampler call (a batch) finishes (unialignment_jax/progress.py).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import time
 import numpy as np
 from etils import epath
 
-from unialignment_jax import paths
+from unialignment_jax import paths, progress
 
 T2I_TASKS = ("t2i_long", "t2i_complex")
 EDIT_TASKS = ("edit_multi", "edit_complex")
@@ -100,11 +101,14 @@ def generate(run, params, *, out_dir: str, method: str, data_dir: str, limit: in
         prompts = [it[task] for it in items]
         indices = [1000 * t + it["key"] for it in items]
         t0 = time.perf_counter()
-        if task in EDIT_TASKS:
-            cond = np.stack([sources[it["key"]] for it in items])[:, None]
-            images = sampler.generate(params, "edit", prompts, cond, settings=s, indices=indices)
-        else:
-            images = sampler.generate(params, "t2i", prompts, None, settings=s, indices=indices)
+        with progress.bar(len(items), f"semgen/{task}", unit="image") as bar:
+            if task in EDIT_TASKS:
+                cond = np.stack([sources[it["key"]] for it in items])[:, None]
+                images = sampler.generate(params, "edit", prompts, cond, settings=s, indices=indices,
+                                          on_chunk=bar.update)
+            else:
+                images = sampler.generate(params, "t2i", prompts, None, settings=s, indices=indices,
+                                          on_chunk=bar.update)
         seconds = time.perf_counter() - t0
         for it, img in zip(items, images):
             write_png(paths.join(folder, f"{it['key']}.png"), img)

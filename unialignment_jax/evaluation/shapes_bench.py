@@ -10,7 +10,8 @@ map error; vqa: answer accuracy), next to `chance`: the same score of another ex
 truth (`shapes_scores.chance`), what a model that ignores its input gets. With an output directory
 it also writes one PNG grid per image task (rows: condition images, sample, target) and the texts
 as JSONL; the directory may be a URI
-(`gs://...`, through etils epath: unialignment_jax/paths.py), each file written whole.
+(`gs://...`, through etils epath: unialignment_jax/paths.py), each file written whole. A progress
+bar per task counts examples as each compiled sampler call (a batch) finishes (unialignment_jax/progress.py).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import json
 import numpy as np
 from etils import epath
 
-from unialignment_jax import paths
+from unialignment_jax import paths, progress
 from unialignment_jax.data import images as image_lib
 from unialignment_jax.data import pipeline as data_pipeline
 from unialignment_jax.data import shapes
@@ -50,10 +51,11 @@ def run_task(sampler, params, task: str, exs, settings):
     """(outputs: uint8 images or texts, per-example scores)."""
     res = sampler.resolution
     texts, cond, images = model_inputs(exs, res)
-    if task in ("caption", "vqa"):
-        outputs = sampler.describe(params, task, images, texts, settings=settings)
-    else:
-        outputs = list(sampler.generate(params, task, texts, cond, settings=settings))
+    with progress.bar(len(exs), f"shapes/{task}", unit="ex") as bar:
+        if task in ("caption", "vqa"):
+            outputs = sampler.describe(params, task, images, texts, settings=settings, on_chunk=bar.update)
+        else:
+            outputs = list(sampler.generate(params, task, texts, cond, settings=settings, on_chunk=bar.update))
     return outputs, [shapes_scores.score_example(e, o) for e, o in zip(exs, outputs)]
 
 

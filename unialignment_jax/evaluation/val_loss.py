@@ -15,11 +15,14 @@ text head that ignores the image scores the same on both; the gap is what the im
 
 Data: the `validation` split of each task's configured sources (`data/pipeline.make_eval_iterator`;
 held-out Shapes scenes for the demo), the first `limit` examples (rounded down to whole batches).
+A progress bar per task counts the examples evaluated (unialignment_jax/progress.py).
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from unialignment_jax import progress
 
 NUM_LEVELS = 8
 
@@ -122,19 +125,21 @@ def evaluate(run, params, tasks, *, limit: int = 256, batch_size: int = 0, seed:
         fn = jax.jit(build_eval_fn(run, task, k), out_shardings=NamedSharding(mesh, PartitionSpec()))
         sums = {"image": np.zeros(k), "text": np.zeros(k), "text_shuffled": np.zeros(k)}
         n = 0
-        while n + b <= max(limit, b):
-            try:
-                host = next(it)
-            except StopIteration:
-                break
-            batch = {key: _put(v, mesh) for key, v in host.items()}
-            indices = _put(np.arange(n, n + b, dtype=np.int32), mesh)
-            with create.sharding_context(mesh, run.rules):
-                out = jax.device_get(fn(params, run.frozen.arrays["text"], run.frozen.arrays["codec"], batch,
-                                        indices, np.uint32(seed)))
-            for key in sums:
-                sums[key] += np.asarray(out[key], np.float64) * b
-            n += b
+        with progress.bar(max(limit, b) // b * b, f"val_loss/{task}", unit="ex") as bar:
+            while n + b <= max(limit, b):
+                try:
+                    host = next(it)
+                except StopIteration:
+                    break
+                batch = {key: _put(v, mesh) for key, v in host.items()}
+                indices = _put(np.arange(n, n + b, dtype=np.int32), mesh)
+                with create.sharding_context(mesh, run.rules):
+                    out = jax.device_get(fn(params, run.frozen.arrays["text"], run.frozen.arrays["codec"], batch,
+                                            indices, np.uint32(seed)))
+                for key in sums:
+                    sums[key] += np.asarray(out[key], np.float64) * b
+                n += b
+                bar.update(b)
         close = getattr(it, "close", None)
         if close:
             close()

@@ -98,7 +98,7 @@ def load_t5(path: str, cfg: T5Config, mesh=None, rules=None, seed: int = 0) -> T
     flat = streaming.flat_leaves(abstract)
     rows = t5_names.t5_rows()
     key_map = streaming.check(ckpt, rows, flat, cfg.num_layers, t5_names.TIED_ALIASES, t5_names.IGNORED_PREFIXES)
-    values = streaming.stream(ckpt, rows, flat, cfg.num_layers, key_map)
+    values = streaming.stream(ckpt, rows, flat, cfg.num_layers, key_map, desc="T5 weights")
     if cfg.mask_token_id is not None:
         table = ckpt.array(key_map[t5_names.EMBED_KEY])
         row = lambda idx: table[cfg.mask_token_id][idx]  # one row of the table, not the table
@@ -128,6 +128,6 @@ def load_vae(path: str, mesh=None, rules=None, **overrides: Any) -> AutoencoderK
     flat = streaming.flat_leaves(abstract)
     rows = vae_names.vae_rows(cfg)
     key_map = streaming.check(ckpt, rows, flat, num_layers=0)
-    values = streaming.stream(ckpt, rows, flat, 0, key_map)
+    values = streaming.stream(ckpt, rows, flat, 0, key_map, desc="VAE weights")
     logging.info("loaded VAE weights from %s", ckpt.path)
     return streaming.merge_loaded(graphdef, abstract, values)

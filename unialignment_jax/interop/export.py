@@ -44,7 +44,8 @@ The source step and whether EMA weights were used are also in each safetensors h
 Parameters are restored onto the run's mesh (or, when this host has other devices, an FSDP mesh
 over what it has) and gathered one tensor (one layer of a stacked tensor) at a time straight into
 the file, so the host never holds the model twice. Everything is written into a temporary folder
-next to DIR and renamed onto DIR at the end: when export fails half-way DIR is not created.
+next to DIR and renamed onto DIR at the end: when export fails half-way DIR is not created. A
+progress bar counts the bytes and tensors written (unialignment_jax/progress.py).
 
 --workdir, --out and the config's file paths (text_encoder.weights / mask_embedding,
 tokenizer.path) may be URIs (`gs://...`, through etils epath: unialignment_jax/paths.py; Orbax reads
@@ -70,7 +71,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from unialignment_jax import paths
+from unialignment_jax import paths, progress
 from unialignment_jax.config import mask_embedding_file
 from unialignment_jax.interop import convert, sd3_names
 from unialignment_jax.interop.safetensors_write import SafetensorsWriter, save_file
@@ -224,6 +225,21 @@ def _writer(directory: str | None, name: str, specs, metadata):
     return SafetensorsWriter(os.path.join(directory, name), specs, metadata)
 
 
+def _nbytes(specs) -> dict[str, int]:
+    return {key: int(np.prod(shape)) * np.dtype(dtype).itemsize for key, shape, dtype in specs}
+
+
+class _Counted:
+    """A writer that reports each tensor it writes (its size in the file) to the progress bar's `done`."""
+
+    def __init__(self, writer, specs, done):
+        self.writer, self.done, self.nbytes = writer, done, _nbytes(specs)
+
+    def write(self, key, array):
+        self.writer.write(key, array)
+        self.done(self.nbytes[key])
+
+
 def _st_metadata(info: dict, layout: str) -> dict[str, str]:
     return {"format": "pt", "unialignment_layout": layout, "unialignment_source_step": str(info["source_step"]),
             "unialignment_ema": str(bool(info["ema"])).lower(), "unialignment_exported_by": "unialignment_jax"}
@@ -231,9 +247,10 @@ def _st_metadata(info: dict, layout: str) -> dict[str, str]:
 
 def write_official(params, cfg, directory: str | None, info: dict) -> list[str]:
     """The official state dict into `directory`/diffusion_pytorch_model.safetensors, streamed."""
-    shapes = convert.expected_official_shapes(params, cfg)
-    with _writer(directory, sd3_names.DIFFUSERS_WEIGHTS, [(k, s, np.float32) for k, s in shapes.items()],
-                 _st_metadata(info, "official")) as w:
+    specs = [(k, s, np.float32) for k, s in convert.expected_official_shapes(params, cfg).items()]
+    with _writer(directory, sd3_names.DIFFUSERS_WEIGHTS, specs, _st_metadata(info, "official")) as w, \
+            progress.tensor_bar(len(specs), sum(_nbytes(specs).values()), "export") as done:
+        w = _Counted(w, specs, done)
         for key, tensor in convert.iter_official(params, cfg):
             w.write(key, tensor)
     return [sd3_names.DIFFUSERS_WEIGHTS]
@@ -261,7 +278,9 @@ def write_diffusers(params, cfg, directory: str | None, info: dict,
                      t + "linear_2.weight": (dim, dim), t + "linear_2.bias": (dim,)}
     main += [(k, s, np.float32) for k, s in text_embedder.items()]
     with _writer(directory, sd3_names.DIFFUSERS_WEIGHTS, main, _st_metadata(info, "diffusers")) as wm, \
-            _writer(directory, sd3_names.EXTRA_WEIGHTS, extra, _st_metadata(info, "unialignment_extra")) as we:
+            _writer(directory, sd3_names.EXTRA_WEIGHTS, extra, _st_metadata(info, "unialignment_extra")) as we, \
+            progress.tensor_bar(len(main) + len(extra), sum(_nbytes(main + extra).values()), "export") as done:
+        wm, we = _Counted(wm, main, done), _Counted(we, extra, done)
         for key, tensor in convert.iter_official(params, cfg):
             if sd3_names.is_side_only(key, n):
                 we.write(key, tensor)

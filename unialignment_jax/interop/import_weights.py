@@ -22,9 +22,10 @@ tensor is named in one error (CheckpointMismatch) unless `--allow-missing` (thos
 as a fresh run would) / `--allow-unexpected` (those are dropped) allow it; a config.json next to
 the weights must agree with the config's model sizes; SD3's position table must equal ours (it
 catches a different sample_size). Nothing is written before these checks pass. Then each tensor
-streams from the memory-mapped file onto its target sharding (streaming.py), the train state is
-built on the mesh (training/state.init_state) and saved as the run's step-0 checkpoint, with
-W/config.json and W/import_report.json. `unialignment train --config C --workdir W` resumes from it.
+streams from the memory-mapped file onto its target sharding (streaming.py; a progress bar counts
+tensors and bytes), the train state is built on the mesh (training/state.init_state) and saved as
+the run's step-0 checkpoint, with W/config.json and W/import_report.json.
+`unialignment train --config C --workdir W` resumes from it.
 
 --source and --workdir may be URIs (`gs://...`): the source is found and read through etils epath
 (remote safetensors tensor by tensor, safetensors_io.py); Orbax writes the checkpoint to a remote

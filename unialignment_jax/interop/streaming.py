@@ -7,7 +7,8 @@ mis-shaped tensor is reported by name, with its file), then builds each paramete
 `jax.make_array_from_callback` on its target sharding: the callback reads, from the memory-mapped
 file, only the slice of the torch tensor(s) that the device's shard needs, and converts the layout
 on that slice. No parameter is ever materialised whole on one device or, for a sharded
-parameter, on the host.
+parameter, on the host. A progress bar (`desc`) counts the parameters and bytes placed
+(unialignment_jax/progress.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from unialignment_jax import progress
 from unialignment_jax.interop import names
 from unialignment_jax.interop.convert import CheckpointMismatch
 from unialignment_jax.interop.safetensors_io import FLOAT_CODES, Checkpoint
@@ -150,12 +152,16 @@ def make_sharded(reader: Reader, abstract) -> jax.Array:
 
 
 def stream(ckpt: Checkpoint, rows: list[names.Row], flat_abstract: Mapping[str, object], num_layers: int,
-           key_map: Mapping[str, str]) -> dict[str, jax.Array]:
+           key_map: Mapping[str, str], desc: str = "import") -> dict[str, jax.Array]:
     """{our path: jax.Array on its sharding} for every row, after `check`."""
     out = {}
-    for row in rows:
-        abstract = flat_abstract[row.ours]
-        out[row.ours] = make_sharded(row_reader(ckpt, row, key_map, tuple(abstract.shape), num_layers), abstract)
+    nbytes = lambda a: int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
+    total = sum(nbytes(flat_abstract[row.ours]) for row in rows)
+    with progress.tensor_bar(len(rows), total, desc, what="parameters") as done:
+        for row in rows:
+            abstract = flat_abstract[row.ours]
+            out[row.ours] = make_sharded(row_reader(ckpt, row, key_map, tuple(abstract.shape), num_layers), abstract)
+            done(nbytes(abstract))
     return out
 
 

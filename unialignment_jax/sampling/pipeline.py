@@ -11,6 +11,9 @@ data x fsdp; the last chunk is padded), placed on the mesh with the batch over (
 and each chunk is one call of a compiled sampler (compiled once per task shape, steps count and
 guidance on/off; the guidance scale and seed are arguments). Example i of a call draws its noise
 from (seed, indices[i]) (default indices 0..n-1), so results do not depend on `batch_size`.
+`on_chunk(n)`, when given, is called after each compiled call with the examples it finished: the
+progress bars of `sample` and `evaluate` count those (a sampler's steps are one jitted loop, which
+reports nothing until it ends).
 
 Defaults are the official settings (docs/method.md, "Sampling"): 50 image steps, guidance 7 with the official
 negative prompt, SD3's timestep shift 3.0; 32 text steps at the configured text length; except the
@@ -21,7 +24,7 @@ official ddpm_cache; sampling/text.py).
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
@@ -128,7 +131,8 @@ class Sampler:
         return tasks_lib.num_conditions(tasks_lib.check_task(task), self.num_compose_refs)
 
     def generate(self, params, task: str, prompts: Sequence[str], cond_images: np.ndarray | None = None, *,
-                 settings: Settings = Settings(), indices: Sequence[int] | None = None) -> np.ndarray:
+                 settings: Settings = Settings(), indices: Sequence[int] | None = None,
+                 on_chunk: Callable[[int], object] | None = None) -> np.ndarray:
         """uint8 (n, R, R, 3) images for `prompts` (and uint8 condition images (n, K, R, R, 3))."""
         if task not in IMAGE_TASKS:
             raise ValueError(f"task {task!r} does not generate images (image tasks: {', '.join(IMAGE_TASKS)})")
@@ -160,6 +164,8 @@ class Sampler:
                             self._scalar(np.uint32(settings.seed)), self._batch(indices[padded].astype(np.int32)),
                             self._scalar(sigmas), self._scalar(np.float32(settings.guidance)))
             out[rows] = to_uint8(jax.device_get(pixels))[: len(rows)]
+            if on_chunk:
+                on_chunk(len(rows))
         return out
 
     # ----------------------------------------------------------------------------------- texts
@@ -171,7 +177,8 @@ class Sampler:
 
     def describe_ids(self, params, task: str, images: np.ndarray, questions: Sequence[str] | None = None, *,
                      settings: Settings = Settings(), indices: Sequence[int] | None = None,
-                     use_cache: bool | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+                     use_cache: bool | None = None, on_chunk: Callable[[int], object] | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, int]:
         """(token ids (n, L), prefix lengths (n,), model calls summed over chunks)."""
         if task not in TEXT_TASKS:
             raise ValueError(f"task {task!r} does not generate text (text tasks: {', '.join(TEXT_TASKS)})")
@@ -213,6 +220,8 @@ class Sampler:
                             self._batch(indices[padded].astype(np.int32)), self._scalar(np.bool_(cache)))
             out[rows] = np.asarray(jax.device_get(ids))[: len(rows)]
             calls += int(jax.device_get(c))
+            if on_chunk:
+                on_chunk(len(rows))
         return out, prefix_len, calls
 
     def decode(self, ids: np.ndarray, prefix_len: np.ndarray | None = None, stop_at_eos: bool = True) -> list[str]:
@@ -229,8 +238,10 @@ class Sampler:
         return texts
 
     def describe(self, params, task: str, images: np.ndarray, questions: Sequence[str] | None = None, *,
-                 settings: Settings = Settings(), indices: Sequence[int] | None = None) -> list[str]:
-        ids, prefix_len, _ = self.describe_ids(params, task, images, questions, settings=settings, indices=indices)
+                 settings: Settings = Settings(), indices: Sequence[int] | None = None,
+                 on_chunk: Callable[[int], object] | None = None) -> list[str]:
+        ids, prefix_len, _ = self.describe_ids(params, task, images, questions, settings=settings, indices=indices,
+                                               on_chunk=on_chunk)
         return self.decode(ids, prefix_len)
 
 

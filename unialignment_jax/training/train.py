@@ -33,6 +33,7 @@ from unialignment_jax.models import encoders as encoder_factories
 from unialignment_jax.parallel import mesh as mesh_lib
 from unialignment_jax.parallel import rules as rules_lib
 from unialignment_jax.sampling import hook as sample_hook_lib
+from unialignment_jax.sampling import prompts as sample_prompts_lib
 from unialignment_jax.training import aot
 from unialignment_jax.training import checkpoint as checkpoint_lib
 from unialignment_jax.training import encoders as encoders_lib
@@ -77,6 +78,8 @@ def _train(args, config, stop, multi_process) -> int:
         encoder_factories.check_mask_embedding(config)  # pretrained T5 needs its MASK row chosen
         schedule = schedule_lib.from_config(config)
         inputs_lib.check_data_config(config, schedule)
+        if config.sample_every:  # a sample.prompts file that gives no prompts (PromptError)
+            sample_prompts_lib.from_config(config.sample.prompts)
     except (config_lib.ConfigError, ValueError) as e:
         print(f"unialignment train: config error: {e}", file=sys.stderr)
         return 2
