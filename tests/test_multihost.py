@@ -161,6 +161,8 @@ def test_two_processes_equal_one_process_preempt_and_resume(repo_root, tmp_path)
     run_dir = tmp_path / "two_processes"
     logs = _train_two_processes(repo_root, tmp_path, run_dir, SCHEDULE, "phase1", sigterm_after=3)
     assert "jax.distributed: process 1 of 2" in logs[1], _report("phase1", logs)
+    for i, text in enumerate(logs):  # every log line after jax.distributed's start names its process
+        assert any(line.startswith(f"[p{i}] ") and "saving and exiting" in line for line in text.splitlines())
     stopped = [int(line.split("after step ")[1].split(":")[0]) for text in logs for line in text.splitlines()
                if "saving and exiting" in line]
     assert len(stopped) == 2 and stopped[0] == stopped[1], _report("phase1", logs)

@@ -1,6 +1,7 @@
-"""`unialignment train` end to end on 8 simulated devices: the run directory, falling loss, exact
-resume after SIGTERM across a stage boundary, resume on other meshes, the non-finite guard, and
-configs that cannot run (exit 2, nothing written).
+"""`unialignment train` end to end on 8 simulated devices: the run directory (with a profiler
+trace), falling loss, exact resume after SIGTERM across a stage boundary, Ctrl-C (with logged means
+over two steps and W&B offline), resume on other meshes, the non-finite guard, and configs that
+cannot run (exit 2, nothing written).
 
 All runs use the same tiny t2i-only step, so the XLA compilation cache (tests/conftest.py) turns
 every compile after the first into a cache read.
@@ -58,6 +59,8 @@ def event_tags(workdir):
     tags = set()
     tb = os.path.join(workdir, "tb")
     for name in os.listdir(tb):
+        if name == "plugins":  # the profiler's trace
+            continue
         with open(os.path.join(tb, name), "rb") as f:
             data = f.read()
         pos = 0
@@ -72,7 +75,7 @@ def event_tags(workdir):
 @pytest.fixture(scope="module")
 def full_run(repo_root, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("full")
-    proc = run(base_args(repo_root, workdir))
+    proc = run(base_args(repo_root, workdir, extra=["--config.profile=2:3"]))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return workdir
 
@@ -95,25 +98,34 @@ def test_run_directory_and_loss_falls(full_run):
     assert set(TERMS) | {"loss", "lr", "grad_norm", "examples_per_sec", "flops_utilization"} <= tags
     steps = sorted(int(p) for p in os.listdir(full_run / "checkpoints") if p.isdigit())
     assert steps == [8, 12, 14]  # saved at 4, 8, 12 and the last step; the last 3 kept
+    # config.profile = "2:3": one trace, in the layout TensorBoard's profile plugin reads.
+    traces = list((full_run / "tb" / "plugins" / "profile").glob("*/*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0, traces
 
 
-def test_sigterm_then_resume_is_bit_exact(repo_root, tmp_path, full_run):
-    workdir = tmp_path / "interrupted"
-    proc = subprocess.Popen(base_args(repo_root, workdir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def interrupt(args, workdir, signum, rows, env=None):
+    """Run `args`, send `signum` once metrics.jsonl has `rows` rows, and wait: (exit code, stderr)."""
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.time() + 500
     try:
-        while time.time() < deadline:  # SIGTERM once step 3 is logged (inside stage 1)
-            if (workdir / "metrics.jsonl").exists() and len(metrics(workdir)) >= 3:
+        while time.time() < deadline:
+            if (workdir / "metrics.jsonl").exists() and len(metrics(workdir)) >= rows:
                 break
             if proc.poll() is not None:
                 pytest.fail(f"run ended early: {proc.stderr.read()[-3000:]}")
             time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signum)
         _, err = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0, err[-3000:]
+    return proc.returncode, err
+
+
+def test_sigterm_then_resume_is_bit_exact(repo_root, tmp_path, full_run):
+    workdir = tmp_path / "interrupted"
+    code, err = interrupt(base_args(repo_root, workdir), workdir, signal.SIGTERM, rows=3)  # inside stage 1
+    assert code == 0, err[-3000:]
     stopped_at = metrics(workdir)[-1]["step"]
     assert stopped_at < 6, "stopped after the stage boundary: nothing left to check across it"
     assert str(stopped_at) in os.listdir(workdir / "checkpoints")
@@ -126,6 +138,32 @@ def test_sigterm_then_resume_is_bit_exact(repo_root, tmp_path, full_run):
     for r in ours:
         for key in ("loss", *TERMS, "grad_norm"):
             assert r[key] == reference[r["step"]][key], (r["step"], key)  # bit-identical floats
+
+
+def test_ctrl_c_saves_and_exits_0_logging_means(repo_root, tmp_path, full_run):
+    """Ctrl-C (SIGINT) once the row of step 4 is logged: a checkpoint of the last step and exit 0.
+    With log_every=2 each row is the mean of its steps' values in the per-step reference run (the
+    first step is logged alone); process 0 logs the same rows to W&B (offline: no network)."""
+    workdir = tmp_path / "ctrl_c"
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true")
+    env.pop("WANDB_DIR", None)
+    args = base_args(repo_root, workdir, extra=["--config.log_every=2", "--config.wandb.project=unialignment-test",
+                                                "--config.wandb.mode=offline"])
+    code, err = interrupt(args, workdir, signal.SIGINT, rows=3, env=env)
+    assert code == 0, err[-3000:]
+    assert "signal SIGINT after step" in err
+    rows, reference = metrics(workdir), {r["step"]: r for r in metrics(full_run)}
+    assert [r["step"] for r in rows[:3]] == [1, 2, 4]
+    assert str(rows[-1]["step"]) in os.listdir(workdir / "checkpoints")
+    previous = 0
+    for r in rows:
+        for key in ("loss", "loss/image", "grad_norm", "lr"):
+            values = [reference[s][key] for s in range(previous + 1, r["step"] + 1)]
+            assert r[key] == sum(values) / len(values), (r["step"], key)
+        previous = r["step"]
+    run_id = (workdir / "wandb_run_id").read_text().strip()
+    (wandb_file,) = (workdir / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")
+    assert repr(rows[-1]["loss"]).encode() in wandb_file.read_bytes()
 
 
 def _params_at(workdir, step, mesh: dict, rules_name="fsdp"):

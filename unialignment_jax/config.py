@@ -173,6 +173,10 @@ def base_config() -> ConfigDict:
     # separated by '|'; the image sampler's steps and guidance scale (official: 50 and 7).
     c.sample = ConfigDict(dict(prompts="", steps=50, cfg=7.0))
     c.progress = "auto"  # progress line on a terminal: auto | on | off
+    c.profile = ""  # "START:STOP": a jax.profiler trace of those steps under W/tb/ (training/profiler.py); "": none
+    # Weights & Biases (training/wandb_run.py): off while project is ""; mode "" = wandb's choice, or online |
+    # offline | disabled; entity / name "" = wandb's defaults.
+    c.wandb = ConfigDict(dict(project="", entity="", name="", mode=""))
     # XLA's persistent compilation cache (restarts after preemption skip recompiling); '' disables.
     c.compilation_cache_dir = "~/.cache/unialignment_jax/xla"
     return c
@@ -368,7 +372,7 @@ def validate(config: ConfigDict) -> None:
 
 def _validate_training(config: ConfigDict) -> None:
     from unialignment_jax.objectives import unified
-    from unialignment_jax.training import schedule
+    from unialignment_jax.training import profiler, schedule
 
     for key in ("log_every", "checkpoint_every", "batch_size", "keep_checkpoints", "max_nonfinite_steps"):
         v = config[key]
@@ -381,6 +385,15 @@ def _validate_training(config: ConfigDict) -> None:
                "must be a string: '' (defaults), a .txt file, or prompts separated by '|'")
         _positive_ints(config.sample, "sample", ("steps",))
         _check(config.sample.cfg >= 0, "sample.cfg", config.sample.cfg, "must be >= 0 (<= 1: no guidance)")
+    try:
+        profiler.parse(config.get("profile", ""))  # get: absent in the config.json of older runs
+    except ValueError as e:
+        raise ConfigError(f"config.profile = {config.profile!r}: {e}") from None
+    wandb = config.get("wandb", ConfigDict(dict(project="", entity="", name="", mode="")))
+    for key in ("project", "entity", "name"):
+        _check(isinstance(wandb[key], str), f"wandb.{key}", wandb[key], "must be a string")
+    _check(wandb.mode in ("", "online", "offline", "disabled"), "wandb.mode", wandb.mode,
+           "choose '', online, offline or disabled")
     _check(len(config.stages) > 0, "stages", "{}", "needs at least one stage")
     for name in stage_names(config):
         st = config.stages[name]

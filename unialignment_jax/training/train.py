@@ -5,9 +5,10 @@
   3. a fresh sharded train state, or the latest checkpoint restored onto this mesh
   4. data iterators per (stage, task), restored to their saved positions
   5. one compiled step per (stage, task), built on first use (AOT: lower + compile)
-  6. the loop: pick stage and task from the step, run, log the previous step's metrics,
-     checkpoint, sample (every config.sample_every steps, from the EMA weights when kept),
-     stop on SIGTERM (save, exit 0) or on too many non-finite steps
+  6. the loop: pick stage and task from the step, run, fetch the previous step's metrics (logged as
+     means over config.log_every steps), checkpoint, sample (every config.sample_every steps, from
+     the EMA weights when kept), trace config.profile's steps, stop on SIGTERM or Ctrl-C (save,
+     exit 0; training/stop.py) or on too many non-finite steps
 
 Run: unialignment train --config experiments/demo.py --workdir runs/demo --cpu_devices 8
 """
@@ -18,13 +19,12 @@ import dataclasses
 import json
 import logging
 import os
-import signal
 import sys
 import time
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
+from clu import parameter_overview
 from etils import epath
 
 from unialignment_jax import config as config_lib
@@ -40,9 +40,12 @@ from unialignment_jax.training import encoders as encoders_lib
 from unialignment_jax.training import inputs as inputs_lib
 from unialignment_jax.training import metrics as metrics_lib
 from unialignment_jax.training import mfu
+from unialignment_jax.training import profiler
 from unialignment_jax.training import schedule as schedule_lib
 from unialignment_jax.training import state as state_lib
 from unialignment_jax.training import step as step_lib
+from unialignment_jax.training import stop as stop_lib
+from unialignment_jax.training import wandb_run
 
 
 class TrainingError(RuntimeError):
@@ -53,24 +56,20 @@ def run(args, config) -> int:
     if logging.getLogger().level > logging.DEBUG:
         logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save step by step
     mesh_lib.initialize_distributed(config.distributed)
-    # Preemption. One process: a SIGTERM handler, installed before the (long) start-up so that a
-    # signal then also ends in a save and exit 0. Several processes: every host must stop after the
-    # same step, so jax.distributed's preemption sync manager (which receives the SIGTERM itself)
-    # decides, through `reached_preemption_sync_point`; a Python handler would replace its own.
-    stop = {"signal": None}
-    multi_process = jax.process_count() > 1
-    previous_handler = None
-    if not multi_process:
-        previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+    metrics_lib.tag_logs_with_process()  # several hosts: "[p<index>]" on every log line
+    # SIGTERM / Ctrl-C: save after the step in flight and exit 0 (also during start-up).
+    stop = stop_lib.StopRequest(multi_process=jax.process_count() > 1)
+    stop.install()
     try:
-        return _train(args, config, stop, multi_process)
+        return _train(args, config, stop)
+    except KeyboardInterrupt:  # a second Ctrl-C
+        print("unialignment train: aborted; the latest checkpoint is intact", file=sys.stderr)
+        return 130
     finally:
-        if previous_handler is not None:
-            signal.signal(signal.SIGTERM, previous_handler)
+        stop.restore()
 
 
-def _train(args, config, stop, multi_process) -> int:
-    """The loop; `stop["signal"]` is set by the SIGTERM handler (one process)."""
+def _train(args, config, stop: stop_lib.StopRequest) -> int:
     workdir = epath.Path(args.workdir)
     # -- 1. checks that need the devices, before anything is written ---------------------------
     try:
@@ -80,6 +79,7 @@ def _train(args, config, stop, multi_process) -> int:
         inputs_lib.check_data_config(config, schedule)
         if config.sample_every:  # a sample.prompts file that gives no prompts (PromptError)
             sample_prompts_lib.from_config(config.sample.prompts)
+        wandb_run.check_installed(config)
     except (config_lib.ConfigError, ValueError) as e:
         print(f"unialignment train: config error: {e}", file=sys.stderr)
         return 2
@@ -116,6 +116,9 @@ def _train(args, config, stop, multi_process) -> int:
     jax.block_until_ready(state)  # nothing may be in flight when the first step starts (docs/scaling.md)
     start_step = int(jax.device_get(state.step))
     n_params = state_lib.count_params(state.params)
+    if is_writer:  # shapes only: statistics would gather every value from every host
+        table = parameter_overview.get_parameter_overview(state.params, include_stats=False)
+        logging.info("DiT parameters:\n%s", table)
     logging.info("DiT parameters: %s; mesh %s; rules %s", f"{n_params:,}", dict(mesh.shape), config.sharding.rules)
 
     # -- 4. data --------------------------------------------------------------------------------
@@ -141,23 +144,27 @@ def _train(args, config, stop, multi_process) -> int:
         return compiled[key], seconds
 
     # -- 6. the loop ----------------------------------------------------------------------------
-    writer = metrics_lib.MetricWriter(workdir, enabled=is_writer)
+    writer = metrics_lib.MetricWriter(workdir, enabled=is_writer,
+                                      wandb=wandb_run.start(config, workdir) if is_writer else None)
     if latest is None:
         writer.write_hparams(config.to_dict())
     peak, peak_source = mfu.device_peak_flops()
     logging.info("MFU peak per device: %.3g FLOP/s (%s)", peak, peak_source)
-    progress = metrics_lib.Progress(schedule.total_steps, start_step, config.progress)
+    log = _Log(writer, metrics_lib.Progress(schedule.total_steps, start_step, config.progress, enabled=is_writer),
+               metrics_lib.IntervalMeans(), config, jax.device_count() * peak)
+    trace = profiler.StepTrace(config.profile, workdir)
 
     def meta(step):
         return {"step": step, "stage": schedule.stage_at(step).name, "data": data.states(),
                 "config": json.loads(config_lib.to_json(config))}
 
-    # `pending` is the previous step: its metrics are read (logged, checked for non-finite runs)
-    # after the next step is dispatched, so the host never waits on the step in flight.
+    # `pending` is the previous step: its metrics are read (accumulated, logged, checked for
+    # non-finite runs) after the next step is dispatched, so the host never waits on the step in flight.
     pending = None
     last_saved = start_step
     try:
         for step in range(start_step, schedule.total_steps):
+            trace.before(step + 1)
             t0 = time.perf_counter()
             stage, task = schedule.stage_at(step), schedule.task_at(step)
             lr = np.float32(stage.lr_at(step - stage.start))
@@ -169,10 +176,11 @@ def _train(args, config, stop, multi_process) -> int:
             if pending is not None:
                 # The previous step's time: from its start to this one's, less this one's compile.
                 pending.seconds = t0 - pending.start_time
-                _finish(pending, writer, progress, config, peak, checkpointer)
+                _finish(pending, log, checkpointer)
             pending = _Pending(step, stage, task, step_metrics, t0 + compile_seconds, stage.batch_size,
                                data.skipped())
             done = step + 1
+            pending.start_time += trace.after(done, state)  # writing the trace is not the step's time
             if done % config.checkpoint_every == 0 or done == schedule.total_steps:
                 checkpointer.save(state, meta(done), force=True)
                 last_saved = done
@@ -182,22 +190,21 @@ def _train(args, config, stop, multi_process) -> int:
                 t_sample = time.perf_counter()
                 sample(done, state.ema if state.ema is not None else state.params, writer, workdir)
                 pending.start_time += time.perf_counter() - t_sample  # not part of the step's time
-            if multi_process and multihost_utils.reached_preemption_sync_point(done):
-                stop["signal"] = "preemption (all processes)"
-            if stop["signal"] is not None:
-                logging.warning("train: signal %s after step %d: saving and exiting", stop["signal"], done)
+            if stop.reached(done):
+                logging.warning("train: signal %s after step %d: saving and exiting", stop.signal, done)
                 if last_saved != done:
                     checkpointer.save(state, meta(done), force=True)
                 break
         if pending is not None:
             jax.block_until_ready(state.step)
             pending.seconds = time.perf_counter() - pending.start_time
-            _finish(pending, writer, progress, config, peak, checkpointer, final=True)
+            _finish(pending, log, checkpointer, final=True)
     except TrainingError as e:
         print(f"unialignment train: {e}", file=sys.stderr)
         return 1
     finally:
-        progress.close()
+        trace.close()
+        log.progress.close()
         checkpointer.close()
         writer.close()
         data.close()
@@ -216,18 +223,28 @@ class _Pending:
     seconds: float = 0.0
 
 
-def _finish(p: _Pending, writer, progress, config, peak, checkpointer, final=False):
-    """Log a completed step (when due) and stop on a run of non-finite steps."""
-    seconds = max(p.seconds, 1e-9)
+@dataclasses.dataclass
+class _Log:
+    writer: metrics_lib.MetricWriter
+    progress: metrics_lib.Progress
+    interval: metrics_lib.IntervalMeans  # the steps since the last logged row
+    config: config_lib.ConfigDict
+    peak: float  # FLOP/s of all devices together
+
+
+def _finish(p: _Pending, log: _Log, checkpointer, final=False):
+    """Add a completed step to the interval, log the interval's means when due, and stop on a run
+    of non-finite steps."""
+    config = log.config
+    values = jax.device_get(p.metrics)  # the step is done (or nearly): the next one is queued behind it
+    log.interval.add(values, examples=p.examples, flops=inputs_lib.step_flops(config, p.stage, p.task),
+                     seconds=p.seconds)
     if final or (p.step + 1) % config.log_every == 0 or p.step == 0:
-        values = dict(p.metrics)
-        values["examples_per_sec"] = p.examples / seconds
-        values["data/skipped_records"] = p.skipped_records
-        values["flops_utilization"] = inputs_lib.step_flops(config, p.stage, p.task) / seconds / (
-            jax.device_count() * peak)
-        scalars = writer.write_scalars(p.step + 1, values, stage=p.stage.name, task=p.task)
-        progress.update(p.step + 1, p.stage.name, p.task, scalars)
-    run = int(jax.device_get(p.metrics["nonfinite_run"]))
+        row = log.interval.pop(log.peak)
+        row["data/skipped_records"] = p.skipped_records
+        scalars = log.writer.write_scalars(p.step + 1, row, stage=p.stage.name, task=p.task)
+        log.progress.update(p.step + 1, p.stage.name, p.task, scalars)
+    run = int(values["nonfinite_run"])
     if run >= config.max_nonfinite_steps:
         checkpointer.wait()
         raise TrainingError(
