@@ -39,6 +39,10 @@ def test_progress_line_only_where_enabled():
         p.update(3, "s", "t2i", {"loss": 1.5, "examples_per_sec": 2.0})
         p.close()
         assert out.getvalue().startswith(expected) and (enabled or out.getvalue() == "")
+    out = io.StringIO()  # on a terminal: a bar redrawn in place
+    p = metrics.Progress(10, 0, "on", stream=out)
+    p.update(5, "s", "t2i", {"loss": 1.5, "examples_per_sec": 2.0})
+    assert out.getvalue().startswith("\r[##########..........] step 5/10 [s/t2i] loss 1.5000")
 
 
 def test_log_lines_carry_the_process_index_on_several_hosts():

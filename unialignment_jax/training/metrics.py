@@ -188,7 +188,7 @@ class IntervalMeans:
 
 
 class Progress:
-    """One status line with ETA; a carriage-return line on a terminal, plain log lines otherwise.
+    """One status line with ETA; on a terminal a progress bar redrawn in place, plain log lines otherwise.
     Printed by process 0 only (`enabled`)."""
 
     def __init__(self, total_steps: int, start_step: int, mode: str = "auto", stream=None, enabled: bool = True):
@@ -207,8 +207,10 @@ class Progress:
         loss = values.get("loss", float("nan"))
         line = (f"step {step}/{self.total} [{stage}/{task}] loss {loss:.4f} "
                 f"{values.get('examples_per_sec', 0.0):.1f} ex/s  ETA {_hms(eta)}")
-        if self.tty:
-            self.stream.write("\r" + line.ljust(100))
+        if self.tty:  # a bar in front: the carriage-return line is redrawn in place
+            filled = int(20 * step / max(self.total, 1))
+            line = f"[{'#' * filled}{'.' * (20 - filled)}] {line}"
+            self.stream.write("\r" + line.ljust(120))
             self.stream.flush()
         else:
             self.stream.write(line + "\n")
