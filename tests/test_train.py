@@ -1,7 +1,7 @@
 """`unialignment train` end to end on 8 simulated devices: the run directory (with a profiler
 trace), falling loss, exact resume after SIGTERM across a stage boundary, Ctrl-C (with logged means
-over two steps and W&B offline), resume on other meshes, the non-finite guard, and configs that
-cannot run (exit 2, nothing written).
+over two steps and W&B offline), resume on other meshes, the non-finite guard, a damaged latest
+checkpoint, and configs that cannot run (exit 2, nothing written).
 
 All runs use the same tiny t2i-only step, so the XLA compilation cache (tests/conftest.py) turns
 every compile after the first into a cache read.
@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from unialignment_jax import cli
 from unialignment_jax import config as config_lib
 from unialignment_jax.models import create
 from unialignment_jax.models.mmdit import DiTConfig, UniAlignmentDiT
@@ -225,6 +226,46 @@ def test_nonfinite_steps_stop_the_run_and_keep_the_checkpoint(repo_root, tmp_pat
     after = _params_at(workdir, 8, dict(data=1, fsdp=8, tensor=1))
     for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_damaged_checkpoint_falls_back_then_all_damaged_stops(repo_root, tmp_path, full_run, capsys):
+    """Every file of the latest step (14) truncated: `sample` names it (exit 2, no fallback); train
+    resumes from 12 (bit-exact), warns, moves 14 aside and saves 14 again. Then every step damaged:
+    exit 1, one line per step, nothing moved."""
+    workdir = tmp_path / "damaged"
+    shutil.copytree(full_run, workdir)
+
+    def truncate_all(step_dir):
+        for root, _, files in os.walk(step_dir):
+            for name in files:
+                os.truncate(os.path.join(root, name), 0)
+
+    truncate_all(workdir / "checkpoints" / "14")
+    assert cli.main(["sample", "--workdir", str(workdir), "--task", "t2i", "--prompt", "a red circle.",
+                     "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "step 14 cannot be read" in err and "other steps: 8, 12 (choose one with --step)" in err, err
+    assert "Traceback" not in err and not (tmp_path / "x.png").exists()
+    proc = run(base_args(repo_root, workdir))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step 14" in proc.stderr and "cannot be read" in proc.stderr and "at step 12" in proc.stderr
+    names = os.listdir(workdir / "checkpoints")
+    assert sorted(n for n in names if n.isdigit()) == ["12", "14", "8"]
+    assert len([n for n in names if n.startswith("14.damaged-")]) == 1
+    reference = {r["step"]: r for r in metrics(full_run)}
+    for r in metrics(workdir)[-2:]:  # steps 13 and 14 again, from the restored step 12
+        assert r["loss"] == reference[r["step"]]["loss"], r["step"]
+
+    for step in ("8", "12", "14"):
+        truncate_all(workdir / "checkpoints" / step)
+    before = sorted(os.listdir(workdir / "checkpoints"))
+    proc = run(base_args(repo_root, workdir))
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "unialignment train: no checkpoint in" in proc.stderr
+    for step in ("8", "12", "14"):
+        assert f"\n  step {step}: " in proc.stderr
+    assert sorted(os.listdir(workdir / "checkpoints")) == before
 
 
 @pytest.mark.parametrize("extra, message", [

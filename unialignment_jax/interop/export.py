@@ -457,7 +457,8 @@ def run_mesh(config):
 
 
 def export_run(workdir: str, out: str, fmt: str = "official", ema: bool = False, step: int | None = None) -> dict:
-    """Export checkpoint `step` (default: the latest) of the run in `workdir` to `out`."""
+    """Export checkpoint `step` (default: the latest) of the run in `workdir` to `out`. A step that
+    cannot be read is an ExportError naming it and the other steps (no fallback to an older one)."""
     from flax import nnx
 
     from unialignment_jax.models import create
@@ -476,7 +477,7 @@ def export_run(workdir: str, out: str, fmt: str = "official", ema: bool = False,
     try:
         params, step, meta = checkpoint_lib.restore_params(paths.join(paths.absolute(workdir), "checkpoints"),
                                                           nnx.to_pure_dict(abstract), ema=ema, step=step)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError) as e:  # ValueError: also checkpoint_lib.CheckpointError
         raise ExportError(str(e)) from None
     info = {
         "source_workdir": paths.absolute(workdir), "source_step": int(step), "ema": bool(ema),

@@ -2,8 +2,9 @@
 and the DiT parameters (latest or a given step, raw or EMA) restored onto this mesh's shardings.
 
 Every problem a user can cause (no workdir, no config.json, a config that no longer validates, no
-checkpoint, no EMA in it) is a `RunError` with a message that names the path; the commands print it
-and exit with code 2.
+checkpoint, no EMA in it, a checkpoint step that cannot be read) is a `RunError` with a message that
+names the path (and the step); the commands print it and exit with code 2. A damaged latest step is
+not replaced by an older one: the message lists the other steps, for `--step`.
 
 The workdir may be a URI (`gs://...`): config.json is read through etils epath
 (unialignment_jax/paths.py) and the checkpoint directory is handed to Orbax as it is (Orbax reads
@@ -127,7 +128,7 @@ def open_run(workdir: str, *, ema: bool = False, step: int | None = None, restor
     if restore:
         try:
             params, restored_step, _ = checkpoint_lib.restore_params(ckpt_dir, abstract, ema=ema, step=step)
-        except (FileNotFoundError, ValueError) as e:
+        except (FileNotFoundError, ValueError) as e:  # ValueError: also checkpoint_lib.CheckpointError
             raise RunError(str(e)) from None
         except ImportError as e:  # Orbax asks google-cloud-storage about a gs:// bucket's layout
             if not paths.is_remote(ckpt_dir):

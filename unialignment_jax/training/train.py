@@ -101,7 +101,12 @@ def _train(args, config, stop: stop_lib.StopRequest) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     checkpointer = checkpoint_lib.Checkpointer(workdir / "checkpoints", config.keep_checkpoints,
                                                config.keep_checkpoint_every)
-    latest = checkpointer.latest_step()
+    try:  # the newest checkpoint that reads; damaged newer steps are moved aside (checkpoint.py)
+        latest, state, meta = checkpointer.restore_latest(spec.abstract)
+    except checkpoint_lib.CheckpointError as e:
+        checkpointer.close()
+        print(f"unialignment train: {e}", file=sys.stderr)
+        return 1
     data_states = None
     if latest is None:
         with create.sharding_context(mesh, rules):
@@ -110,7 +115,6 @@ def _train(args, config, stop: stop_lib.StopRequest) -> int:
             (workdir / "config.json").write_text(config_lib.to_json(config))
         logging.info("train: fresh run in %s", workdir)
     else:
-        state, meta = checkpointer.restore(latest, spec.abstract)
         data_states = meta.get("data")
         logging.info("train: resumed %s at step %d (stage %s)", workdir, latest, meta.get("stage"))
     jax.block_until_ready(state)  # nothing may be in flight when the first step starts (docs/scaling.md)
