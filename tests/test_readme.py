@@ -6,10 +6,11 @@ a command this file does not know how to run fails the test. Two kinds of block:
 
 * run (the default): each command runs, in order, in a copy of the repository root (a temporary
   directory whose entries link to this checkout's; `runs/` is its own). Where the README's sizes
-  would take minutes, `tiny()` below substitutes smaller ones: the demo's `:tiny` variant (12 steps,
-  a checkpoint every 4), fewer evaluation examples and sampling steps. The quick-start train command
-  runs twice, first stopped early, so that its second run (the command exactly as the README has it)
-  resumes from a checkpoint.
+  would take minutes, `tiny()` below substitutes smaller ones: the demo's `:tiny` variant (14 steps
+  over the same three stages, a checkpoint every 4, a sample grid at the end), fewer evaluation
+  examples and sampling steps. The quick-start train command runs twice, first stopped early, so
+  that its second run (the command exactly as the README has it) resumes from a checkpoint; between
+  them they train every task of the demo's schedule.
 * check (a block after `<!-- readme-test: check -->`): commands that need weights, data or a pod
   that this machine has not (the 2B walkthrough). Their arguments are parsed by the CLI's own
   parser, their configs loaded and validated (with every override), and launchers run as
@@ -31,8 +32,10 @@ import time
 
 import pytest
 
+from tb_events import summary_kinds  # tests/tb_events.py
 from unialignment_jax import cli
 from unialignment_jax import config as config_lib
+from unialignment_jax.tasks import TASKS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
@@ -115,8 +118,16 @@ def test_readme_run_commands(readme_root):
         name = command_name(command)
         if name == "train":
             assert "resumed" in proc.stderr and "at step 10" in proc.stderr, proc.stderr[-2000:]
-            steps = [json.loads(line)["step"] for line in (demo / "metrics.jsonl").read_text().splitlines()]
-            assert steps[-1] == 12 and (demo / "checkpoints" / "12").is_dir()
+            rows = [json.loads(line) for line in (demo / "metrics.jsonl").read_text().splitlines()]
+            assert rows[-1]["step"] == 14 and (demo / "checkpoints" / "14").is_dir()
+            assert all(r["finite"] == 1.0 for r in rows)
+            # Every task of the schedule was compiled and trained (t2i; + edit, perception; all six).
+            compiled = set(re.findall(r"compiled the (\w+) step of stage (\w+)", first.stderr + proc.stderr))
+            assert {t for t, s in compiled if s == "unified"} == set(TASKS), compiled
+            assert {t for t, s in compiled if s == "editing"} == {"t2i", "edit", "perception"}, compiled
+            # The sample grid of the last step, in samples/ and in TensorBoard.
+            assert (demo / "samples" / "step_14.png").exists() and (demo / "samples" / "step_14.txt").exists()
+            assert summary_kinds(demo).get("samples/grid") == "image"
             saved = json.loads((demo / "config.json").read_text())
             assert os.path.isabs(saved["compilation_cache_dir"])  # every path absolute
         elif name in ("sample", "export", "prepare"):
