@@ -121,10 +121,10 @@ def test_readme_run_commands(readme_root):
             rows = [json.loads(line) for line in (demo / "metrics.jsonl").read_text().splitlines()]
             assert rows[-1]["step"] == 14 and (demo / "checkpoints" / "14").is_dir()
             assert all(r["finite"] == 1.0 for r in rows)
-            # Every task of the schedule was compiled and trained (t2i; + edit, perception; all six).
-            compiled = set(re.findall(r"compiled the (\w+) step of stage (\w+)", first.stderr + proc.stderr))
-            assert {t for t, s in compiled if s == "unified"} == set(TASKS), compiled
-            assert {t for t, s in compiled if s == "editing"} == {"t2i", "edit", "perception"}, compiled
+            # Every task of the schedule was compiled and trained (stages that agree on a step's
+            # settings share its executable, so each task is compiled once, in its first stage).
+            compiled = re.findall(r"compiled the (\w+) step of stage \w+", first.stderr + proc.stderr)
+            assert sorted(compiled) == sorted(TASKS), compiled
             # The sample grid of the last step, in samples/ and in TensorBoard.
             assert (demo / "samples" / "step_14.png").exists() and (demo / "samples" / "step_14.txt").exists()
             assert summary_kinds(demo).get("samples/grid") == "image"
