@@ -18,6 +18,7 @@ import ml_collections
 from ml_collections import ConfigDict
 
 from unialignment_jax import paths
+from unialignment_jax.data.sources import DATA_DEFAULTS, absolute_source_list
 from unialignment_jax.tasks import TASKS
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -159,9 +160,7 @@ def base_config() -> ConfigDict:
     c.stages.main = stage(steps=80_000, tasks="t2i,edit", warmup_steps=2000)
 
     # Where each task's examples come from: 'shapes' (the Shapes world, generated on the fly) or
-    # prepared datasets "DIR[:WEIGHT],DIR[:WEIGHT]" (`unialignment prepare`); see data/pipeline.py.
-    from unialignment_jax.data.pipeline import DATA_DEFAULTS
-
+    # prepared datasets "DIR[:WEIGHT],DIR[:WEIGHT]" (`unialignment prepare`); see data/sources.py.
     c.data = ConfigDict(dict(DATA_DEFAULTS))
 
     c.keep_checkpoints = 3  # the last N checkpoints are kept ...
@@ -280,8 +279,6 @@ def make_paths_absolute(config: ConfigDict) -> None:
     """Make every file path in `config` absolute (`paths.absolute`: ~ expanded, URIs kept), in place,
     once, where the command starts: the run's config.json then records where the files are, and a
     command started later from another directory (resume, sample, export) still finds them."""
-    from unialignment_jax.data.pipeline import absolute_source_list
-
     for key in PATH_KEYS:
         section, name = key.split(".")
         if key == "text_encoder.mask_embedding" and config[section][name] == NO_MASK_EMBEDDING:

@@ -33,6 +33,7 @@ import numpy as np
 
 from unialignment_jax import tasks as tasks_lib
 from unialignment_jax.data import pipeline
+from unialignment_jax.data.sources import data_config
 from unialignment_jax.models import create, flops
 from unialignment_jax.models.layers import CPU_SCAN_ENV
 from unialignment_jax.objectives import unified
@@ -248,7 +249,7 @@ def _data_headroom(config, task: str, stage, step_examples_per_sec: float, secon
         if close:
             close()
     out = {"examples_per_sec": rate, "step_examples_per_sec": step_examples_per_sec,
-           "headroom": rate / step_examples_per_sec, "sources": str(pipeline.data_config(c)[task])}
+           "headroom": rate / step_examples_per_sec, "sources": str(data_config(c)[task])}
     if note:
         out["note"] = note
     return out
