@@ -21,7 +21,7 @@ from unialignment_jax.data import images as image_lib
 from unialignment_jax.data.batching import make_iterator
 from unialignment_jax.data.decode import example_format
 from unialignment_jax.data.sources import prepared_source
-from unialignment_jax.data import prepare
+from unialignment_jax.data import prepare, prepare_rows
 from unialignment_jax.data import shapes as S
 from unialignment_jax.data import shapes_tasks
 from unialignment_jax.data.records import open_prepared, text
@@ -363,7 +363,7 @@ def test_a_row_that_breaks_the_teacher_is_skipped_alone(tmp_path, capsys, monkey
                 raise RuntimeError("cannot embed circles")
             return np.ones((len(texts), 4), np.float16)
 
-    monkeypatch.setattr(prepare, "_load_teacher", lambda opts: Fussy())
+    monkeypatch.setattr(prepare_rows, "_load_teacher", lambda opts: Fussy())
     manifest = shapes_tasks.write_official("t2i", "train", 12, str(tmp_path / "src"), resolution=32)
     circles = {n for n, line in enumerate(open(manifest), 1) if "circle" in json.loads(line)["conversations"][0]["value"]}
     assert 0 < len(circles) < 12

@@ -4,6 +4,7 @@ and the synthetic Shapes world.
   records.py       the record schema (RecordSpec, SCHEMA_VERSION, open_prepared)
   prepare_args.py  `unialignment prepare` arguments (no jax import)
   prepare.py       `unialignment prepare`: JSONL manifests -> TFDS ArrayRecord dataset (run(args, config))
+  prepare_rows.py  its rows: latents, teacher features, checks; bad rows reported and skipped
   tfds_builder.py  the TFDS GeneratorBasedBuilder (array_record, no TensorFlow)
   images.py        decode / official resize + centre crop / encode / normalize
   teachers.py      frozen teacher features (Qwen2.5-VL, SigLIP, Shapes)
