@@ -153,8 +153,8 @@ def test_guidance_one_equals_the_conditional_sampler(tiny):
     outs = {}
     with create.sharding_context(t["mesh"], t["rules"]):
         for use_cfg, w in ((True, 1.0), (False, 1.0), (True, 7.0)):
-            fn = jax.jit(image_lib.build_image_sampler(t["graphdef"], fr.text_encoder, fr.codec_static,
-                                                       fr.codec_is_module, s.latent_shape, use_cfg))
+            fn = jax.jit(image_lib.build_image_sampler(t["graphdef"], fr.text_encoder, fr.codec_graphdef,
+                                                       s.latent_shape, use_cfg))
             outs[use_cfg, w] = np.asarray(fn(*args, jnp.float32(w)))
     np.testing.assert_allclose(outs[True, 1.0], outs[False, 1.0], atol=2e-5)
     assert np.abs(outs[True, 7.0] - outs[False, 1.0]).mean() > 1e-2  # guidance does something

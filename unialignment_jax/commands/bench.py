@@ -197,7 +197,7 @@ def model_only_step(config, mesh, rules, task: str = "t2i", *, with_optimizer: b
     batch = random_batch(config, stage, task, mesh, latents=True, vocab=int(config.model.vocab_size))
     if with_optimizer:
         statics = step_lib.StepStatics(
-            dit_graphdef=spec.graphdef, text_encoder=lookup, codec=None, codec_is_module=False, tx=spec.tx,
+            dit_graphdef=spec.graphdef, text_encoder=lookup, codec_graphdef=None, tx=spec.tx,
             options=options, mask_id=tokenizer.mask_id, grad_accum_reduce=config.optimizer.grad_accum_reduce,
             ema_decay=float(config.ema.decay), ema_warmup=bool(config.ema.warmup))
         trainable = state_lib.trainable_mask(spec.abstract.params, stage.is_trainable)

@@ -42,9 +42,8 @@ def step_flops(config, stage, task) -> int:
 
 
 class TrainInputs:
-    def __init__(self, config, schedule, tokenizer, mesh, rules, saved: dict | None):
+    def __init__(self, config, schedule, mesh, rules, saved: dict | None):
         """`saved`: the checkpoint's data entry ({'process_count', 'per_process'}) or None."""
-        del tokenizer  # the pipeline builds its own from config.tokenizer
         self.config, self.schedule, self.mesh = config, schedule, mesh
         self.saved = {}
         if saved:
