@@ -34,7 +34,9 @@ sys.path.insert(0, ROOT)
 
 from unialignment_jax.config import base_config  # noqa: E402
 from unialignment_jax.data import images as image_lib  # noqa: E402
-from unialignment_jax.data import pipeline as P  # noqa: E402
+from unialignment_jax.data.batching import make_iterator  # noqa: E402
+from unialignment_jax.data.decode import example_format  # noqa: E402
+from unialignment_jax.data.sources import prepared_source  # noqa: E402
 from unialignment_jax.data.records import RecordSpec, new_record  # noqa: E402
 from unialignment_jax.data.tfds_builder import UnialignmentRecords, array_record_compression  # noqa: E402
 
@@ -114,9 +116,9 @@ def write_dataset(root: str, task: str, storage: str, n: int, jpegs: list[bytes]
 def measure(path: str, task: str, batch: int, threads: int, workers: int, seconds: float) -> dict:
     config = base_config()
     config.tokenizer.kind = "byte"
-    src = P.prepared_source(path, "train")
-    fmt = P.example_format(task, [src.spec], RES, TEXT_LENGTH, config.tokenizer)
-    it = P.make_iterator([src], fmt, batch, seed=0, read_threads=threads, prefetch=4 * batch, worker_count=workers)
+    src = prepared_source(path, "train")
+    fmt = example_format(task, [src.spec], RES, TEXT_LENGTH, config.tokenizer)
+    it = make_iterator([src], fmt, batch, seed=0, read_threads=threads, prefetch=4 * batch, worker_count=workers)
     next(it)  # warm-up: threads / workers started, first batch decoded
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:

@@ -160,8 +160,9 @@ def main():
 
     if "text" in args.which:
         from unialignment_jax.data import shapes
+        from unialignment_jax.data import shapes_tasks
 
-        images = np.stack([shapes.render(shapes.make_example("caption", "test", i).target, sampler.resolution)
+        images = np.stack([shapes.render(shapes_tasks.make_example("caption", "test", i).target, sampler.resolution)
                            for i in range(b)])
         rows = []
         for steps in [int(s) for s in args.text_steps.split(",")]:

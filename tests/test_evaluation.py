@@ -12,6 +12,7 @@ import pytest
 from unialignment_jax import cli
 from unialignment_jax import config as config_lib
 from unialignment_jax.data import shapes
+from unialignment_jax.data import shapes_tasks
 from unialignment_jax.evaluation import shapes_scores as S
 from unialignment_jax.tasks import TASKS
 
@@ -21,7 +22,7 @@ from test_sampling import perturbed_params, write_run  # noqa: E402  (tests/ is 
 
 
 def _examples(task, n=40):
-    return [shapes.make_example(task, "test", i) for i in range(n)]
+    return [shapes_tasks.make_example(task, "test", i) for i in range(n)]
 
 
 @pytest.mark.parametrize("task", TASKS)

@@ -21,7 +21,7 @@ pytest.importorskip("diffusers")
 from tests.test_export import restored  # noqa: E402
 from unialignment_jax import cli  # noqa: E402
 from unialignment_jax import config as config_lib  # noqa: E402
-from unialignment_jax.interop import convert, export, import_weights, sd3_names, streaming  # noqa: E402
+from unialignment_jax.interop import convert, export, import_mapping, sd3_names, streaming  # noqa: E402
 from unialignment_jax.interop.convert import CheckpointMismatch  # noqa: E402
 from unialignment_jax.interop.safetensors_io import Checkpoint, CheckpointFormatError  # noqa: E402
 from unialignment_jax.interop.safetensors_write import save_file  # noqa: E402
@@ -160,7 +160,7 @@ CFG = DiTConfig(num_layers=2, num_heads=2, head_dim=8, in_channels=4, out_channe
 def load(path, cfg=CFG, **kw):
     make = lambda: UniAlignmentDiT(cfg, rngs=nnx.Rngs(0))
     _, abstract = streaming.abstract_model(make)
-    return import_weights.load_params(str(path), cfg, abstract, make, **kw)
+    return import_mapping.load_params(str(path), cfg, abstract, make, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -280,7 +280,7 @@ def test_streams_onto_the_mesh_and_keeps_bfloat16_bits(official_dir, mesh_222, t
     rules = rules_lib.get_rules("fsdp_tp")
     make = lambda: UniAlignmentDiT(CFG, rngs=nnx.Rngs(0))
     _, abstract = create.abstract_state(make, mesh_222, rules)
-    values, _ = import_weights.load_params(str(path), CFG, abstract, make, mesh=mesh_222, rules=rules)
+    values, _ = import_mapping.load_params(str(path), CFG, abstract, make, mesh=mesh_222, rules=rules)
     flat_abstract = streaming.flat_leaves(abstract)
     for k, v in convert.flatten(params).items():
         assert values[k].sharding == flat_abstract[k].sharding, k

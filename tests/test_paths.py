@@ -17,7 +17,7 @@ from etils import epath
 
 from fake_bucket import FakeBucket  # the in-memory gs:// (conftest.py: the `bucket` fixture)
 from unialignment_jax import paths
-from unialignment_jax.data import shapes as S
+from unialignment_jax.data import shapes_tasks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -77,7 +77,7 @@ def test_prepare_reads_and_writes_bucket_paths(bucket, tmp_path, capsys):
     from unialignment_jax.data import prepare, prepare_args
     from unialignment_jax.data.records import find_dataset_dir, open_prepared
 
-    manifest = S.write_official("edit", "train", 5, str(tmp_path / "src"), resolution=32)
+    manifest = shapes_tasks.write_official("edit", "train", 5, str(tmp_path / "src"), resolution=32)
     _upload(tmp_path / "src", f"{bucket}/src")
     remote_manifest = f"{bucket}/src/{os.path.relpath(manifest, tmp_path / 'src')}"
     out = f"{bucket}/datasets/edit"

@@ -11,6 +11,10 @@ from PIL import Image
 
 from unialignment_jax.config import base_config
 from unialignment_jax.data import pipeline as P
+from unialignment_jax.data.batching import make_iterator
+from unialignment_jax.data.decode import example_format
+from unialignment_jax.data.sources import (DATA_DEFAULTS, Source, absolute_source_list, data_config, parse_source_list,
+                                          prepared_source, shapes_source)
 from unialignment_jax.data.records import RecordSpec, new_record
 from unialignment_jax.data.tokenizers import build_tokenizer
 from unialignment_jax.tasks import TASKS
@@ -40,7 +44,7 @@ def t2i_records(n, prefix="row"):
 def fmt_for(task="t2i", config=None, spec=None):
     config = config or small_config()
     spec = spec or RecordSpec(task=task)
-    return P.example_format(task, [spec], 8, 16, config.tokenizer)
+    return example_format(task, [spec], 8, 16, config.tokenizer)
 
 
 def captions(batch, tok):
@@ -88,7 +92,7 @@ def prepare_dataset(tmp_path, task="t2i", n=10, name="row") -> str:
 
 
 def prepared_t2i(tmp_path, n=10):
-    return P.prepared_source(prepare_dataset(tmp_path, "t2i", n, "row"), "train")
+    return prepared_source(prepare_dataset(tmp_path, "t2i", n, "row"), "train")
 
 
 def test_resume_through_orbax_and_across_epochs(tmp_path):
@@ -97,21 +101,21 @@ def test_resume_through_orbax_and_across_epochs(tmp_path):
 
     src = prepared_t2i(tmp_path)  # ArrayRecord files written by `prepare`
     fmt = fmt_for()
-    it = P.make_iterator([src], fmt, 3, seed=7)
+    it = make_iterator([src], fmt, 3, seed=7)
     for _ in range(5):  # 15 records: mid second epoch
         next(it)
     with ocp.CheckpointManager(tmp_path / "ckpt") as mgr:
         mgr.save(5, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
         mgr.wait_until_finished()
     expected = [next(it) for _ in range(6)]
-    fresh = P.make_iterator([src], fmt, 3, seed=7)
+    fresh = make_iterator([src], fmt, 3, seed=7)
     with ocp.CheckpointManager(tmp_path / "ckpt") as mgr:
         mgr.restore(5, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
     for want in expected:
         assert_same(next(fresh), want)
     # every epoch is a new permutation of all records
     tok = build_tokenizer(small_config().tokenizer)
-    it = P.make_iterator([src], fmt, 1, seed=7)
+    it = make_iterator([src], fmt, 1, seed=7)
     epochs = [[captions(next(it), tok)[0] for _ in range(10)] for _ in range(2)]
     assert sorted(epochs[0]) == sorted(epochs[1]) == sorted(f"row {i}" for i in range(10))
     assert epochs[0] != epochs[1]
@@ -119,16 +123,16 @@ def test_resume_through_orbax_and_across_epochs(tmp_path):
 
 def test_two_hosts_see_disjoint_shards_covering_the_data():
     tok = build_tokenizer(small_config().tokenizer)
-    src = P.Source(t2i_records(11), RecordSpec(task="t2i"), name="list")
+    src = Source(t2i_records(11), RecordSpec(task="t2i"), name="list")
     seen = []
     for host in range(2):
-        it = P.make_iterator([src], fmt_for(), 1, seed=3, process_index=host, process_count=2)
+        it = make_iterator([src], fmt_for(), 1, seed=3, process_index=host, process_count=2)
         n = len(range(host, 11, 2))
         seen.append([captions(next(it), tok)[0] for _ in range(n)])  # one epoch of this host's shard
     assert not set(seen[0]) & set(seen[1])
     assert set(seen[0]) | set(seen[1]) == {f"row {i}" for i in range(11)}
     # evaluation: one ordered pass, the same number of batches on every host
-    counts = [len(list(P.make_iterator([src], fmt_for(), 2, shuffle=False, num_epochs=1, process_index=h,
+    counts = [len(list(make_iterator([src], fmt_for(), 2, shuffle=False, num_epochs=1, process_index=h,
                                         process_count=2))) for h in range(2)]
     assert counts == [2, 2]
     # the config entry point shards the Shapes world the same way
@@ -140,12 +144,12 @@ def test_two_hosts_see_disjoint_shards_covering_the_data():
 
 def test_mixture_follows_the_weights():
     tok = build_tokenizer(small_config().tokenizer)
-    a = P.Source(t2i_records(7, "a"), RecordSpec(task="t2i"), weight=3.0, name="a")
-    b = P.Source(t2i_records(5, "b"), RecordSpec(task="t2i"), weight=1.0, name="b")
-    it = P.make_iterator([a, b], fmt_for(), 8, seed=1)
+    a = Source(t2i_records(7, "a"), RecordSpec(task="t2i"), weight=3.0, name="a")
+    b = Source(t2i_records(5, "b"), RecordSpec(task="t2i"), weight=1.0, name="b")
+    it = make_iterator([a, b], fmt_for(), 8, seed=1)
     names = [c.split()[0] for _ in range(50) for c in captions(next(it), tok)]
     assert names.count("a") == 300 and names.count("b") == 100
-    assert P.parse_source_list("/d/x_{split}:3,shapes, /d/y:0.5") == [("/d/x_{split}", 3.0), ("shapes", 1.0),
+    assert parse_source_list("/d/x_{split}:3,shapes, /d/y:0.5") == [("/d/x_{split}", 3.0), ("shapes", 1.0),
                                                                        ("/d/y", 0.5)]
 
 
@@ -165,7 +169,7 @@ def test_size_weighted_mixture_of_edit_and_perception(tmp_path):
     it = P.make_train_iterator(config, "edit", process_index=0, process_count=1, batch_size=16)
     every_record = [f"edit {i}" for i in range(12)] + [f"depth {i}" for i in range(4)]
     assert sorted(captions(next(it), tok)) == sorted(every_record)
-    assert P.absolute_source_list(config.data.edit) == config.data.edit  # `size` survives the path rewrite
+    assert absolute_source_list(config.data.edit) == config.data.edit  # `size` survives the path rewrite
     config.data.edit = f"{edit}:size,{perception}"
     with pytest.raises(ValueError, match="config.data.edit .* weight every source by `size` or none"):
         P.check_data_config(config, ["edit"])
@@ -194,11 +198,11 @@ def test_corrupt_records_are_skipped_and_counted():
     recs[2]["target_image"] = b"\x89PNG garbage"
     recs[7]["caption"] = ""
     recs[9]["target_image"] = _png((1, 2, 3))[:40]
-    src = P.Source(FlakySource(recs), RecordSpec(task="t2i"), name="flaky")
-    it = P.make_iterator([src], fmt_for(), 4, shuffle=False, num_epochs=1, drop_remainder=False)
+    src = Source(FlakySource(recs), RecordSpec(task="t2i"), name="flaky")
+    it = make_iterator([src], fmt_for(), 4, shuffle=False, num_epochs=1, drop_remainder=False)
     batches = list(it)
     assert [len(b["target"]) for b in batches] == [4, 4]  # 12 records - 4 bad
-    assert it.skipped_records == 4 and it.metrics() == {"data/skipped_records": 4}
+    assert it.skipped_records == 4
     # latents of the wrong shape and missing teacher features are corrupt records too
     spec = RecordSpec(task="t2i", storage="latents", latent_shape=(2, 2, 4), resolution=8, teacher="shapes",
                       teacher_dim=3)
@@ -208,14 +212,14 @@ def test_corrupt_records_are_skipped_and_counted():
     recs[1]["target_latents"] = np.zeros((3, 3, 4), np.float16)
     recs[3]["target_latents"] = np.full((2, 2, 4), np.nan, np.float16)
     del recs[5]["teacher_text"]
-    fmt = P.example_format("t2i", [spec], 8, 16, small_config().tokenizer)
-    it = P.make_iterator([P.Source(recs, spec)], fmt, 3, shuffle=False, num_epochs=1)
+    fmt = example_format("t2i", [spec], 8, 16, small_config().tokenizer)
+    it = make_iterator([Source(recs, spec)], fmt, 3, shuffle=False, num_epochs=1)
     (batch,) = list(it)
     assert it.skipped_records == 3
     assert batch["target_latents"][:, 0, 0, 0].tolist() == [0, 2, 4] and batch["teacher_text"].shape == (3, 3)
     # the count is part of the state
     state = it.get_state()
-    fresh = P.make_iterator([P.Source(recs, spec)], fmt, 3, shuffle=False, num_epochs=1)
+    fresh = make_iterator([Source(recs, spec)], fmt, 3, shuffle=False, num_epochs=1)
     fresh.set_state(state)
     assert fresh.skipped_records == 3
 
@@ -225,18 +229,18 @@ def test_worker_processes_give_the_same_batches():
 
     flags.FLAGS.mark_as_parsed()
     config = small_config()
-    src = P.shapes_source("compose", "train", 32, 3, 16, 1000)
-    fmt = P.example_format("compose", [src.spec], 32, 128, config.tokenizer)
-    inline = P.make_iterator([src], fmt, 4, seed=5)
-    workers = P.make_iterator([src], fmt, 4, seed=5, worker_count=1)
+    src = shapes_source("compose", "train", 32, 3, 16, 1000)
+    fmt = example_format("compose", [src.spec], 32, 128, config.tokenizer)
+    inline = make_iterator([src], fmt, 4, seed=5)
+    workers = make_iterator([src], fmt, 4, seed=5, worker_count=1)
     for _ in range(3):
         assert_same(next(workers), next(inline))
     state = json.loads(json.dumps(workers.get_state()))
     want = next(inline)
     workers.close()
     with pytest.raises(ValueError, match="worker_count"):
-        P.make_iterator([src], fmt, 4, seed=5).set_state(state)
-    fresh = P.make_iterator([src], fmt, 4, seed=5, worker_count=1)
+        make_iterator([src], fmt, 4, seed=5).set_state(state)
+    fresh = make_iterator([src], fmt, 4, seed=5, worker_count=1)
     fresh.set_state(state)
     assert_same(next(fresh), want)
     fresh.close()
@@ -255,7 +259,7 @@ def test_train_iterator_batches_match_the_batch_format():
                                        resolution=48))
     assert batch["cond"].shape == (4, 1, 48, 48, 3)
     # a config without a data section (or with one) selects sources per task
-    assert P.data_config(config)["t2i"] == "shapes"
+    assert data_config(config)["t2i"] == "shapes"
     with pytest.raises(ValueError, match="divisible"):
         P.make_train_iterator(config, "t2i", process_index=0, process_count=3)
 
@@ -285,7 +289,7 @@ def test_data_config_is_checked_before_training(tmp_path):
 
     config = small_config()
     P.check_data_config(config, TASKS, splits=("train", "validation"))
-    config.data = ml_collections.ConfigDict(dict(P.DATA_DEFAULTS))
+    config.data = ml_collections.ConfigDict(dict(DATA_DEFAULTS))
     config.data.edit = str(tmp_path / "missing_{split}") + ":2,shapes"
     with pytest.raises(ValueError, match=r"config.data.edit = .*missing_train"):
         P.check_data_config(config, ["t2i", "edit"])

@@ -18,9 +18,12 @@ from PIL import Image
 from unialignment_jax import cli, progress
 from unialignment_jax.config import base_config
 from unialignment_jax.data import images as image_lib
-from unialignment_jax.data import pipeline as P
-from unialignment_jax.data import prepare
+from unialignment_jax.data.batching import make_iterator
+from unialignment_jax.data.decode import example_format
+from unialignment_jax.data.sources import prepared_source
+from unialignment_jax.data import prepare, prepare_rows
 from unialignment_jax.data import shapes as S
+from unialignment_jax.data import shapes_tasks
 from unialignment_jax.data.records import open_prepared, text
 from unialignment_jax.data.tokenizers import build_tokenizer
 from unialignment_jax.tasks import TASKS, num_conditions
@@ -51,9 +54,9 @@ def run_prepare(argv, config=None, capsys=None):
 
 def read_all(path, task, config, split="train", batch=4):
     """Every example of a prepared dataset, in dataset order, through the Grain pipeline."""
-    src = P.prepared_source(path, split)
-    fmt = P.example_format(task, [src.spec], config.input.resolution, config.input.text_length, config.tokenizer)
-    it = P.make_iterator([src], fmt, batch, shuffle=False, num_epochs=1, drop_remainder=False, read_threads=2)
+    src = prepared_source(path, split)
+    fmt = example_format(task, [src.spec], config.input.resolution, config.input.text_length, config.tokenizer)
+    it = make_iterator([src], fmt, batch, shuffle=False, num_epochs=1, drop_remainder=False, read_threads=2)
     batches = list(it)
     return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}, it
 
@@ -62,7 +65,7 @@ def read_all(path, task, config, split="train", batch=4):
 def test_official_format_round_trips_to_batches(task, tmp_path, capsys):
     config = small_config()
     n = 6
-    manifest = S.write_official(task, "train", n, str(tmp_path / "src"), resolution=32)
+    manifest = shapes_tasks.write_official(task, "train", n, str(tmp_path / "src"), resolution=32)
     out = str(tmp_path / "ds")
     rc, cap = run_prepare(["--manifest", manifest, "--out", out, "--task", task, "--teacher", "shapes"],
                           config, capsys)
@@ -75,7 +78,7 @@ def test_official_format_round_trips_to_batches(task, tmp_path, capsys):
     assert it.skipped_records == 0
     tok = build_tokenizer(config.tokenizer)
     teacher = S.ShapesTeacher(16)
-    examples = [S.make_example(task, "train", i) for i in range(n)]
+    examples = [shapes_tasks.make_example(task, "train", i) for i in range(n)]
     matched = set()
     for b in range(n):  # TFDS stores records in a hashed order: match each row to its example
         hits = [i for i, ex in enumerate(examples)
@@ -103,7 +106,7 @@ def test_official_format_round_trips_to_batches(task, tmp_path, capsys):
             np.testing.assert_array_equal(batch["cond"][b], want)
         # exact teacher features: the same through prepare (from pixels / text) as in memory
         np.testing.assert_array_equal(batch["teacher_image"][b], teacher.scene_image_feature(ex.target).astype(np.float32))
-        rec = S.ShapesSource(task, "train", teacher_dim=16)[i]
+        rec = shapes_tasks.ShapesSource(task, "train", teacher_dim=16)[i]
         np.testing.assert_array_equal(batch["teacher_text"][b], rec["teacher_text"].astype(np.float32))
     assert matched == set(range(n))
     # a few decoded pixels and token ids, literally
@@ -257,7 +260,7 @@ def test_every_kind_of_bad_row_is_reported_and_skipped(tmp_path, capsys):
 
 
 def test_interrupted_prepare_leaves_no_complete_looking_dataset(tmp_path, capsys, monkeypatch):
-    manifest = S.write_official("t2i", "train", 6, str(tmp_path / "src"), resolution=32)
+    manifest = shapes_tasks.write_official("t2i", "train", 6, str(tmp_path / "src"), resolution=32)
     out = str(tmp_path / "ds")
     from unialignment_jax.data import manifests
 
@@ -286,7 +289,7 @@ def test_latents_through_the_pixel_codec(tmp_path, capsys):
     pytest.importorskip("unialignment_jax.models.encoders")
     config = small_config()
     config.codec.kind = "pixel"
-    manifest = S.write_official("edit", "train", 5, str(tmp_path / "src"), resolution=32)
+    manifest = shapes_tasks.write_official("edit", "train", 5, str(tmp_path / "src"), resolution=32)
     out = str(tmp_path / "lat")
     rc, cap = run_prepare(["--manifest", manifest, "--out", out, "--task", "edit", "--latents"], config, capsys)
     assert rc == 0, cap.err
@@ -298,14 +301,14 @@ def test_latents_through_the_pixel_codec(tmp_path, capsys):
     tok = build_tokenizer(config.tokenizer)
     for b in range(5):
         caption = tok.decode(batch["caption_ids"][b])[0]
-        ex = next(e for e in (S.make_example("edit", "train", i) for i in range(5)) if e.caption == caption)
+        ex = next(e for e in (shapes_tasks.make_example("edit", "train", i) for i in range(5)) if e.caption == caption)
         px = image_lib.normalize(S.render(ex.target, 32))  # space-to-depth by 4, float16-rounded
         want = px.reshape(8, 4, 8, 4, 3).transpose(0, 2, 1, 3, 4).reshape(8, 8, 48)
         np.testing.assert_allclose(batch["target_latents"][b], want.astype(np.float16).astype(np.float32))
 
 
 def test_shard_count_and_workers(tmp_path, capsys):
-    manifest = S.write_official("caption", "train", 20, str(tmp_path / "src"), resolution=32)
+    manifest = shapes_tasks.write_official("caption", "train", 20, str(tmp_path / "src"), resolution=32)
     rc, _ = run_prepare(["--manifest", manifest, "--out", str(tmp_path / "k3"), "--task", "caption",
                          "--num-shards", "3", "--compression", "zstd"], None, capsys)
     assert rc == 0 and len(glob.glob(str(tmp_path / "k3" / "*.array_record-*"))) == 3
@@ -323,7 +326,7 @@ def test_shard_count_and_workers(tmp_path, capsys):
 def test_progress_bar_counts_rows_when_forced(tmp_path, capsys, monkeypatch):
     """UNIALIGNMENT_PROGRESS=1 draws the bar on stderr although it is not a terminal here; unset,
     there is none (pytest's stderr is not a terminal); 0 turns it off everywhere."""
-    manifest = S.write_official("t2i", "train", 3, str(tmp_path / "src"), resolution=32)
+    manifest = shapes_tasks.write_official("t2i", "train", 3, str(tmp_path / "src"), resolution=32)
     monkeypatch.setenv(progress.ENV, "1")
     rc, cap = run_prepare(["--manifest", manifest, "--out", str(tmp_path / "a"), "--task", "t2i"], None, capsys)
     assert rc == 0, cap.err
@@ -336,7 +339,7 @@ def test_progress_bar_counts_rows_when_forced(tmp_path, capsys, monkeypatch):
 
 
 def test_bad_arguments_exit_2(tmp_path, capsys):
-    manifest = S.write_official("t2i", "train", 2, str(tmp_path / "src"), resolution=32)
+    manifest = shapes_tasks.write_official("t2i", "train", 2, str(tmp_path / "src"), resolution=32)
     assert run_prepare(["--manifest", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o"), "--task", "t2i"],
                        None, capsys)[0] == 2
     rc, cap = run_prepare(["--manifest", manifest, "--out", str(tmp_path / "o"), "--task", "t2i", "--latents"],
@@ -360,8 +363,8 @@ def test_a_row_that_breaks_the_teacher_is_skipped_alone(tmp_path, capsys, monkey
                 raise RuntimeError("cannot embed circles")
             return np.ones((len(texts), 4), np.float16)
 
-    monkeypatch.setattr(prepare, "_load_teacher", lambda opts: Fussy())
-    manifest = S.write_official("t2i", "train", 12, str(tmp_path / "src"), resolution=32)
+    monkeypatch.setattr(prepare_rows, "_load_teacher", lambda opts: Fussy())
+    manifest = shapes_tasks.write_official("t2i", "train", 12, str(tmp_path / "src"), resolution=32)
     circles = {n for n, line in enumerate(open(manifest), 1) if "circle" in json.loads(line)["conversations"][0]["value"]}
     assert 0 < len(circles) < 12
     out = str(tmp_path / "ds")
@@ -393,7 +396,7 @@ def test_array_record_compression_option(tmp_path):
 def test_cli_prepare_with_config_latents_and_strict(tmp_path, repo_root):
     """The real command line: `unialignment prepare --config experiments/demo.py --latents` (the config
     selects the codec and resolution), a bad row reported by line, and --strict's exit code."""
-    manifest = S.write_official("edit", "train", 4, str(tmp_path / "src"), resolution=32)
+    manifest = shapes_tasks.write_official("edit", "train", 4, str(tmp_path / "src"), resolution=32)
     with open(manifest, "a") as f:
         f.write(json.dumps({"image": ["nope.png", "nope2.png"], "instruction": "x",
                             "conversations": [{"value": "y"}]}) + "\n")
@@ -427,7 +430,7 @@ def test_latents_through_the_flax_vae(tmp_path, capsys):
     cd.block_out_channels, cd.layers_per_block, cd.norm_num_groups, cd.latent_channels = (8, 16), 1, 4, 4
     config.model.in_channels = config.model.out_channels = 4
     # Sources at 40 px: prepare resizes them to input.resolution (32) before encoding.
-    manifest = S.write_official("edit", "train", 4, str(tmp_path / "src"), resolution=40)
+    manifest = shapes_tasks.write_official("edit", "train", 4, str(tmp_path / "src"), resolution=40)
     out = str(tmp_path / "vae_lat")
     rc, cap = run_prepare(["--manifest", manifest, "--out", out, "--task", "edit", "--latents"], config, capsys)
     assert rc == 0, cap.err

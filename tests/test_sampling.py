@@ -19,6 +19,7 @@ from flax import nnx
 from unialignment_jax import cli, progress
 from unialignment_jax import config as config_lib
 from unialignment_jax.data import shapes
+from unialignment_jax.data import shapes_tasks
 from unialignment_jax.models import create
 from unialignment_jax.models.mmdit import DiTConfig, UniAlignmentDiT
 from unialignment_jax.objectives import text_diffusion
@@ -152,8 +153,8 @@ def test_guidance_one_equals_the_conditional_sampler(tiny):
     outs = {}
     with create.sharding_context(t["mesh"], t["rules"]):
         for use_cfg, w in ((True, 1.0), (False, 1.0), (True, 7.0)):
-            fn = jax.jit(image_lib.build_image_sampler(t["graphdef"], fr.text_encoder, fr.codec_static,
-                                                       fr.codec_is_module, s.latent_shape, use_cfg))
+            fn = jax.jit(image_lib.build_image_sampler(t["graphdef"], fr.text_encoder, fr.codec_graphdef,
+                                                       s.latent_shape, use_cfg))
             outs[use_cfg, w] = np.asarray(fn(*args, jnp.float32(w)))
     np.testing.assert_allclose(outs[True, 1.0], outs[False, 1.0], atol=2e-5)
     assert np.abs(outs[True, 7.0] - outs[False, 1.0]).mean() > 1e-2  # guidance does something
@@ -161,7 +162,7 @@ def test_guidance_one_equals_the_conditional_sampler(tiny):
 
 def test_edit_perception_compose_shapes_and_conditioning(tiny):
     s, params = tiny["sampler"], tiny["params"]
-    exs = [shapes.make_example("edit", "validation", i) for i in range(2)]
+    exs = [shapes_tasks.make_example("edit", "validation", i) for i in range(2)]
     cond = np.stack([shapes.render(e.conds[0], 32) for e in exs])[:, None]
     out = s.generate(params, "edit", [e.instruction for e in exs], cond, settings=STEPS)
     assert out.shape == (2, 32, 32, 3)
@@ -169,7 +170,7 @@ def test_edit_perception_compose_shapes_and_conditioning(tiny):
     assert (swapped != out).any()  # the condition images matter (weakly, for a random model)
     assert s.generate(params, "perception", ["Provide a depth map of the scene."], cond[:1],
                       settings=STEPS).shape == (1, 32, 32, 3)
-    ex = shapes.make_example("compose", "validation", 0)
+    ex = shapes_tasks.make_example("compose", "validation", 0)
     refs = np.stack([shapes.render(c, 32) for c in ex.conds])[None]
     assert refs.shape[1] == 3
     assert s.generate(params, "compose", [ex.instruction], refs, settings=STEPS).shape == (1, 32, 32, 3)
@@ -244,7 +245,8 @@ def test_text_sampler_cache_equals_uncached_loop(tiny, order, temperature, uncac
     same seed gives the same text and another seed another (the confidence order's draws at
     temperature 1; at 0 it is deterministic)."""
     s, params = tiny["sampler"], tiny["params"]
-    images = np.stack([shapes.render(shapes.make_example("caption", "validation", i).target, 32) for i in range(3)])
+    images = np.stack([shapes.render(shapes_tasks.make_example("caption", "validation", i).target, 32)
+                       for i in range(3)])
     # more steps than tokens: many steps change nothing
     settings = pipeline.Settings(text_steps=40, text_order=order, text_temperature=temperature)
     ids_c, _, calls_c = s.describe_ids(params, "caption", images, settings=settings, use_cache=True)
@@ -260,7 +262,7 @@ def test_text_sampler_cache_equals_uncached_loop(tiny, order, temperature, uncac
 
 def test_vqa_keeps_its_question_prefix(tiny):
     s, params = tiny["sampler"], tiny["params"]
-    exs = [shapes.make_example("vqa", "validation", i) for i in range(3)]
+    exs = [shapes_tasks.make_example("vqa", "validation", i) for i in range(3)]
     images = np.stack([shapes.render(e.target, 32) for e in exs])
     questions = [e.question for e in exs]
     ids, prefix_len, _ = s.describe_ids(params, "vqa", images, questions, settings=STEPS)
@@ -280,7 +282,8 @@ def test_caption_prompt_is_a_given_prefix(tiny):
     s, params, tok = tiny["sampler"], tiny["params"], tiny["frozen"].tokenizer
     prompt = tiny["config"].input.caption_prompt
     assert prompt
-    images = np.stack([shapes.render(shapes.make_example("caption", "validation", i).target, 32) for i in range(2)])
+    images = np.stack([shapes.render(shapes_tasks.make_example("caption", "validation", i).target, 32)
+                       for i in range(2)])
     ids, prefix_len, _ = s.describe_ids(params, "caption", images, settings=STEPS)
     want = tok.encode([prompt], 32)[0]
     n = pipeline.num_tokens(want, tok.eos_id)

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from unialignment_jax.data import shapes as S
+from unialignment_jax.data import shapes_tasks
 from unialignment_jax.tasks import TASKS
 
 
@@ -37,31 +38,31 @@ def test_render_is_plain_background_with_palette_colours():
 def test_examples_are_deterministic_and_splits_are_disjoint():
     for task in TASKS:
         seen = {}
-        for split in S.SPLITS:
+        for split in shapes_tasks.SPLITS:
             keys = set()
             for i in range(40):
-                a, b = S.make_example(task, split, i), S.make_example(task, split, i)
+                a, b = shapes_tasks.make_example(task, split, i), shapes_tasks.make_example(task, split, i)
                 assert a == b
-                assert S.split_of(a.split_key) == split
+                assert shapes_tasks.split_of(a.split_key) == split
                 keys.add(a.split_key)
             seen[split] = keys
         assert not seen["train"] & seen["validation"] and not seen["train"] & seen["test"]
         assert not seen["validation"] & seen["test"]
     # another seed gives other examples
-    assert S.make_example("t2i", "train", 0, seed=1) != S.make_example("t2i", "train", 0, seed=0)
+    assert shapes_tasks.make_example("t2i", "train", 0, seed=1) != shapes_tasks.make_example("t2i", "train", 0, seed=0)
 
 
 def test_captions_are_exact_and_parse_back():
     for i in range(60):
         for task in ("t2i", "caption", "edit", "compose", "perception"):
-            ex = S.make_example(task, "train", i)
+            ex = shapes_tasks.make_example(task, "train", i)
             assert S.parse_caption(ex.caption) == ex.target
             assert S.parse_image(S.render(ex.target, 32)) == ex.target
     assert S.parse_caption("a large red circle at the top left and a small blue square at the center.") == (
         S.Shape(0, "circle", "red", "large"), S.Shape(4, "square", "blue", "small"))
     assert S.parse_caption("a purple circle somewhere.") is None
     # exact scores for an evaluator
-    target = S.make_example("t2i", "test", 0).target
+    target = shapes_tasks.make_example("t2i", "test", 0).target
     assert S.score_scenes(S.parse_image(S.render(target, 32)), target)["exact"] == 1.0
     wrong = S.make_scene([S.Shape((target[0].cell + 1) % 9, "circle", "red", "small")])
     assert S.score_scenes(wrong, target)["exact"] == 0.0 and S.score_scenes(None, target)["recall"] == 0.0
@@ -98,7 +99,7 @@ def _apply(op, instruction, src):
 def test_edits_do_what_the_instruction_says():
     ops = set()
     for i in range(200):
-        ex = S.make_example("edit", "train", i)
+        ex = shapes_tasks.make_example("edit", "train", i)
         ops.add(ex.op)
         (src,) = ex.conds
         assert _apply(ex.op, ex.instruction, src) == ex.target, ex
@@ -107,12 +108,12 @@ def test_edits_do_what_the_instruction_says():
 
 
 def test_perception_compose_and_vqa_semantics():
-    ex = S.make_example("perception", "train", 3)
+    ex = shapes_tasks.make_example("perception", "train", 3)
     (scene,) = ex.conds
     assert ex.target == S.as_map(scene, ex.op) and ex.instruction == S.PERCEPTION_INSTRUCTIONS[ex.op]
     img = S.render(ex.target, 32)
     assert S.parse_image(img) == ex.target  # maps parse too (colour 'seg' / 'depth')
-    ex = S.make_example("compose", "train", 5, num_compose_refs=3)
+    ex = shapes_tasks.make_example("compose", "train", 5, num_compose_refs=3)
     assert len(ex.conds) == 3 and len(ex.target) == 3
     for j, ref in enumerate(ex.conds):  # each reference is one shape alone at the centre
         (r,) = ref
@@ -120,7 +121,7 @@ def test_perception_compose_and_vqa_semantics():
         placed = [s for s in ex.target if (s.kind, s.colour, s.size) == (r.kind, r.colour, r.size)]
         assert placed and f"image {j + 1} at the {S.POSITIONS[placed[0].cell]}" in ex.instruction
     for i in range(100):
-        ex = S.make_example("vqa", "train", i)
+        ex = shapes_tasks.make_example("vqa", "train", i)
         scene, q, a = ex.target, ex.question, ex.caption
         if ex.op == "count":
             assert a == S.NUMBER_WORDS[len(scene)]
@@ -137,7 +138,7 @@ def test_perception_compose_and_vqa_semantics():
 
 def test_teacher_features_are_exact_and_meaningful():
     t = S.ShapesTeacher(64)
-    a, b = S.make_example("t2i", "train", 0), S.make_example("t2i", "train", 1)
+    a, b = shapes_tasks.make_example("t2i", "train", 0), shapes_tasks.make_example("t2i", "train", 1)
     fa = t.scene_image_feature(a.target)
     assert fa.dtype == np.float16 and fa.shape == (64,)
     assert abs(np.linalg.norm(fa.astype(np.float32)) - 1) < 1e-2
@@ -150,12 +151,12 @@ def test_teacher_features_are_exact_and_meaningful():
     s2 = S.make_scene([S.Shape(2, "triangle", "cyan", "small")])
     f = [t.scene_image_feature(s).astype(np.float32) for s in (s0, s1, s2)]
     assert f[0] @ f[1] > f[0] @ f[2] + 0.2
-    rec = S.ShapesSource("vqa", teacher_dim=32)[0]
+    rec = shapes_tasks.ShapesSource("vqa", teacher_dim=32)[0]
     assert rec["teacher_text"].shape == (32,) and np.isfinite(rec["teacher_text"].astype(np.float32)).all()
 
 
 def test_source_records_and_official_export(tmp_path):
-    src = S.ShapesSource("compose", "validation", size=10, resolution=32, teacher_dim=16)
+    src = shapes_tasks.ShapesSource("compose", "validation", size=10, resolution=32, teacher_dim=16)
     assert len(src) == 10
     rec = src[3]
     assert rec["target_image"].shape == (32, 32, 3) and len(rec["cond_images"]) == 3
@@ -165,10 +166,10 @@ def test_source_records_and_official_export(tmp_path):
 
     assert pickle.loads(pickle.dumps(src))[3]["caption"] == rec["caption"]
     for task in TASKS:
-        manifest = S.write_official(task, "test", 3, str(tmp_path / task), resolution=32)
+        manifest = shapes_tasks.write_official(task, "test", 3, str(tmp_path / task), resolution=32)
         rows = [json.loads(line) for line in open(manifest)]
         assert len(rows) == 3
-        ex = S.make_example(task, "test", 0)
+        ex = shapes_tasks.make_example(task, "test", 0)
         row = rows[0]
         if task == "compose":
             paths = row["original_images"] + row["generated_images"]

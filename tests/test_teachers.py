@@ -8,6 +8,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from unialignment_jax.data import shapes as S  # noqa: E402
+from unialignment_jax.data import shapes_tasks  # noqa: E402
 from unialignment_jax.data import teachers  # noqa: E402
 
 WORDS = ["<pad>", "<unk>", "a", "an", "small", "large", "red", "green", "blue", "yellow", "magenta", "cyan",
@@ -56,7 +57,7 @@ def tiny_siglip():
 
 
 def images(n=2, res=64):
-    return [S.render(S.make_example("t2i", "train", i).target, res) for i in range(n)]
+    return [S.render(shapes_tasks.make_example("t2i", "train", i).target, res) for i in range(n)]
 
 
 def test_qwen_teacher_features():
@@ -111,7 +112,7 @@ def test_teacher_checkpoints_load_offline_and_feed_prepare(tmp_path, capsys):
     word_tokenizer().save_pretrained(ckpt)
     t = teachers.build_teacher("qwen", path=ckpt)
     assert isinstance(t, teachers.QwenVLTeacher) and t.dim == 32
-    manifest = S.write_official("t2i", "train", 3, str(tmp_path / "src"), resolution=64)
+    manifest = shapes_tasks.write_official("t2i", "train", 3, str(tmp_path / "src"), resolution=64)
     out = str(tmp_path / "ds")
     args = prepare_args.build_parser().parse_args(
         ["--manifest", manifest, "--out", out, "--task", "t2i", "--teacher", "qwen", "--teacher-path", ckpt])
@@ -128,7 +129,7 @@ def test_teacher_checkpoints_load_offline_and_feed_prepare(tmp_path, capsys):
 
 def test_shapes_teacher_through_build_teacher():
     t = teachers.build_teacher("shapes", dim=8)
-    ex = S.make_example("caption", "train", 0)
+    ex = shapes_tasks.make_example("caption", "train", 0)
     f = t.encode_images([S.render(ex.target, 32)])
     assert f.shape == (1, 8) and f.dtype == np.float16
     np.testing.assert_array_equal(f[0], t.scene_image_feature(ex.target))

@@ -138,7 +138,7 @@ def test_word_vocabulary_file(tmp_path):
 
 def test_shapes_vocabulary_covers_every_shapes_text():
     """Every text of every task encodes without unk and decodes back exactly, within 32 tokens."""
-    from unialignment_jax.data import shapes
+    from unialignment_jax.data import shapes_tasks
     from unialignment_jax.tasks import TASKS
 
     tok = build_tokenizer({"kind": "words", "vocabulary": "shapes"})
@@ -147,7 +147,7 @@ def test_shapes_vocabulary_covers_every_shapes_text():
     longest = longest_caption = 0
     for task in TASKS:
         for i in range(150):
-            e = shapes.make_example(task, "train", i, 0, 3)
+            e = shapes_tasks.make_example(task, "train", i, 0, 3)
             for text in (e.caption, e.instruction, e.question, f"{e.question} {e.caption}" if e.question else ""):
                 if not text:
                     continue

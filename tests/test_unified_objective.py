@@ -291,8 +291,6 @@ def test_zero_weight_removes_the_computation(models, task, weights, taps, encode
     assert calls == taps
     assert n_encoder == encoder_calls
     assert {k for k in keys if k.startswith("loss/")} == {f"loss/{t}" for t in terms}
-    plan = unified.make_plan(task, batch, weights)
-    assert set(unified.metric_names(plan)) == {"loss"} | {f"loss/{t}" for t in terms}
 
 
 def test_zero_text_weights_cut_flops(models):

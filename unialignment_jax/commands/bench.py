@@ -33,6 +33,7 @@ import numpy as np
 
 from unialignment_jax import tasks as tasks_lib
 from unialignment_jax.data import pipeline
+from unialignment_jax.data.sources import data_config
 from unialignment_jax.models import create, flops
 from unialignment_jax.models.layers import CPU_SCAN_ENV
 from unialignment_jax.objectives import unified
@@ -196,7 +197,7 @@ def model_only_step(config, mesh, rules, task: str = "t2i", *, with_optimizer: b
     batch = random_batch(config, stage, task, mesh, latents=True, vocab=int(config.model.vocab_size))
     if with_optimizer:
         statics = step_lib.StepStatics(
-            dit_graphdef=spec.graphdef, text_encoder=lookup, codec=None, codec_is_module=False, tx=spec.tx,
+            dit_graphdef=spec.graphdef, text_encoder=lookup, codec_graphdef=None, tx=spec.tx,
             options=options, mask_id=tokenizer.mask_id, grad_accum_reduce=config.optimizer.grad_accum_reduce,
             ema_decay=float(config.ema.decay), ema_warmup=bool(config.ema.warmup))
         trainable = state_lib.trainable_mask(spec.abstract.params, stage.is_trainable)
@@ -248,7 +249,7 @@ def _data_headroom(config, task: str, stage, step_examples_per_sec: float, secon
         if close:
             close()
     out = {"examples_per_sec": rate, "step_examples_per_sec": step_examples_per_sec,
-           "headroom": rate / step_examples_per_sec, "sources": str(pipeline.data_config(c)[task])}
+           "headroom": rate / step_examples_per_sec, "sources": str(data_config(c)[task])}
     if note:
         out["note"] = note
     return out

@@ -13,7 +13,6 @@ import numpy as np
 from PIL import Image
 
 DEFAULT_MAX_PIXELS = 40_000_000  # decompression-bomb guard: width * height above this is rejected
-ENCODED_FORMATS = {"JPEG": "jpeg", "PNG": "png"}
 
 
 class ImageError(ValueError):

@@ -39,7 +39,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from unialignment_jax.tasks import TASKS, check_task, num_conditions
+from unialignment_jax.tasks import TASKS, check_task
 
 SCHEMA_VERSION = 1
 TEXT_FIELDS = ("key", "caption", "instruction", "question")
@@ -77,10 +77,6 @@ class RecordSpec:
             raise RecordError(f"RecordSpec.latent_dtype = {self.latent_dtype!r}: choose one of {LATENT_DTYPES}")
         if self.teacher and self.teacher_dim <= 0:
             raise RecordError("RecordSpec.teacher_dim: teacher features need a positive dimension")
-
-    @classmethod
-    def for_task(cls, task: str, num_compose_refs: int = 3, **kw) -> "RecordSpec":
-        return cls(task=task, num_cond=num_conditions(task, num_compose_refs), **kw)
 
     @property
     def has_images(self) -> bool:

@@ -1,7 +1,7 @@
 """`evaluate --suite shapes`: the six tasks on held-out Shapes scenes, scored exactly
 (evaluation/shapes_scores.py), our GenEval-like benchmark whose answers are known.
 
-For each task, examples 0 .. limit-1 of the split (default `test`; `data/shapes.make_example`, the
+For each task, examples 0 .. limit-1 of the split (default `test`; `data/shapes_tasks.make_example`, the
 run's `data.shapes_seed` and `input.num_compose_refs`) are rendered at the run's resolution and
 sampled with the official settings unless overridden (images: 50 Euler steps, guidance 7, shift
 3; texts: 32 steps). The suite reports, per task, the mean of every score; the headline of each
@@ -23,15 +23,16 @@ from etils import epath
 
 from unialignment_jax import paths, progress
 from unialignment_jax.data import images as image_lib
-from unialignment_jax.data import pipeline as data_pipeline
 from unialignment_jax.data import shapes
+from unialignment_jax.data import shapes_tasks
+from unialignment_jax.data.sources import data_config
 from unialignment_jax.evaluation import shapes_scores
 from unialignment_jax.tasks import TASKS
 
 
-def examples(config, task: str, split: str, limit: int) -> list[shapes.ShapesExample]:
-    seed = int(data_pipeline.data_config(config)["shapes_seed"])
-    return [shapes.make_example(task, split, i, seed, int(config.input.num_compose_refs)) for i in range(limit)]
+def examples(config, task: str, split: str, limit: int) -> list[shapes_tasks.ShapesExample]:
+    seed = int(data_config(config)["shapes_seed"])
+    return [shapes_tasks.make_example(task, split, i, seed, int(config.input.num_compose_refs)) for i in range(limit)]
 
 
 def model_inputs(exs, resolution: int):

@@ -38,6 +38,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from unialignment_jax.data import shapes
+from unialignment_jax.data import shapes_tasks
 
 PRIMARY = {"t2i": "attr_acc", "compose": "attr_acc", "edit": "exact", "perception": "map_mae",
            "caption": "attr_acc", "vqa": "accuracy"}
@@ -143,7 +144,7 @@ def score_vqa(answer: str, reference: str, kind: str = "") -> dict[str, float]:
     return out
 
 
-def score_example(example: shapes.ShapesExample, output) -> dict[str, float]:
+def score_example(example: shapes_tasks.ShapesExample, output) -> dict[str, float]:
     """Score a sampler's output (uint8 image or text) for one Shapes example of any task."""
     task = example.task
     if task in ("t2i", "compose"):
@@ -159,14 +160,14 @@ def score_example(example: shapes.ShapesExample, output) -> dict[str, float]:
     raise ValueError(f"unknown task {task!r}")
 
 
-def ground_truth(example: shapes.ShapesExample, resolution: int):
+def ground_truth(example: shapes_tasks.ShapesExample, resolution: int):
     """The output a perfect model produces (for the scorers' self-test)."""
     if example.task in ("caption", "vqa"):
         return example.caption
     return shapes.render(example.target, resolution)
 
 
-def chance(examples: Sequence[shapes.ShapesExample], resolution: int) -> dict[str, float]:
+def chance(examples: Sequence[shapes_tasks.ShapesExample], resolution: int) -> dict[str, float]:
     """The scores of a model that ignores its input: each example gets the ground-truth output of the
     next one (a perfect image or text, of the wrong scene). The level "above chance" is measured
     against. With fewer than two examples, that example's own output: there is nothing to swap."""

@@ -60,7 +60,7 @@ def build_eval_fn(run, task: str, k: int):
     lv = jnp.asarray(levels(k))
 
     def fn(params, text_state, codec_state, batch, indices, seed):
-        codec = nnx.merge(frozen.codec_static, codec_state) if frozen.codec_is_module else frozen.codec_static
+        codec = nnx.merge(frozen.codec_graphdef, codec_state)
         batch = dict(batch)
         if "target" in batch:
             batch["target_latents"] = codec.encode(batch.pop("target"))

@@ -70,8 +70,4 @@ def create_sharded(make: Callable[[], nnx.Module], mesh: Mesh, rules) -> nnx.Mod
     return nnx.merge(graphdef, state)
 
 
-def param_count(state) -> int:
-    return sum(int(x.size) for x in jax.tree.leaves(state))
-
-
-__all__ = ["abstract_state", "create_sharded", "divisible", "param_count", "sharding_context", "rules_lib"]
+__all__ = ["abstract_state", "create_sharded", "divisible", "sharding_context", "rules_lib"]

@@ -16,5 +16,4 @@ from unialignment_jax.objectives.unified import (  # noqa: F401
     draw_randomness,
     dual_stream_loss,
     make_plan,
-    metric_names,
 )

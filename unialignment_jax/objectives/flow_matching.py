@@ -33,15 +33,6 @@ CFG_DROPOUT_P = 0.1
 FLOW_LOSS_MODES = ("x0", "velocity")
 
 
-def shift_sigmas(sigma: jax.Array, shift: float = 1.0) -> jax.Array:
-    """SD3's timestep shift `shift sigma / (1 + (shift - 1) sigma)`; shift 1 is the identity."""
-    if shift <= 0:
-        raise ValueError(f"timestep shift must be positive, got {shift}")
-    if shift == 1.0:
-        return sigma
-    return shift * sigma / (1.0 + (shift - 1.0) * sigma)
-
-
 @functools.lru_cache(maxsize=None)
 def sigma_table(shift: float = 1.0) -> np.ndarray:
     """The scheduler's training sigmas, index 0 = sigma 1.0 ... index 999 = sigma 0.001 (float32).

@@ -166,11 +166,6 @@ def make_plan(task: str, batch: Mapping[str, Any], weights: LossWeights = LossWe
     )
 
 
-def metric_names(plan: Plan) -> tuple[str, ...]:
-    """The `loss/<term>` keys a batch with this plan reports, plus `loss` (the weighted total)."""
-    return ("loss",) + tuple(f"loss/{t}" for t in plan.terms)
-
-
 # ----------------------------------------------------------------------------------- randomness
 
 _DRAW_KEYS = ("sigma", "noise", "cfg_drop", "text_t", "text_mask")

@@ -33,7 +33,7 @@ from jax.sharding import PartitionSpec
 BATCH_AXES = ("data", "fsdp")
 
 LOGICAL_AXES = (
-    "layers", "embed", "heads", "kv", "qkv", "mlp", "modulation", "vocab", "context_in", "patch",
+    "layers", "embed", "heads", "kv", "qkv", "mlp", "modulation", "vocab", "context_in",
     "time_freq", "adapter_mlp", "teacher", "null_tokens",
     "act_batch", "act_length", "act_embed", "act_heads", "act_mlp", "act_vocab",
 )

@@ -29,8 +29,9 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
-from unialignment_jax.data import pipeline as data_pipeline
 from unialignment_jax.data import shapes
+from unialignment_jax.data import shapes_tasks
+from unialignment_jax.data.sources import data_config
 from unialignment_jax.sampling import prompts as prompts_lib
 from unialignment_jax.sampling.grids import enlarge, grid, in_rows
 from unialignment_jax.sampling.pipeline import Sampler, Settings
@@ -54,13 +55,13 @@ def make_sample_hook(config, frozen, mesh, rules, *, num_images: int = 8, num_ca
     graphdef, _ = dit_spec(config, mesh, rules)
     sampler = Sampler(config, mesh, rules, frozen, graphdef, batch_size=max(num_images, num_captions))
     res = sampler.resolution
-    d = data_pipeline.data_config(config)
+    d = data_config(config)
     use_shapes = chosen is None and d["t2i"] == "shapes"
     seed, k = int(d["shapes_seed"]), int(config.input.num_compose_refs)
     if use_shapes:
-        t2i = [shapes.make_example("t2i", "validation", i, seed, k) for i in range(num_images)]
-        edits = [shapes.make_example("edit", "validation", i, seed, k) for i in range(num_images)]
-        caps = [shapes.make_example("caption", "validation", i, seed, k) for i in range(num_captions)]
+        t2i = [shapes_tasks.make_example("t2i", "validation", i, seed, k) for i in range(num_images)]
+        edits = [shapes_tasks.make_example("edit", "validation", i, seed, k) for i in range(num_images)]
+        caps = [shapes_tasks.make_example("caption", "validation", i, seed, k) for i in range(num_captions)]
         prompts = [e.caption for e in t2i]
         edit_prompts = [e.instruction for e in edits]
         edit_sources = np.stack([shapes.render(e.conds[0], res) for e in edits])[:, None]

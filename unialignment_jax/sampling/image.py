@@ -84,8 +84,7 @@ def guided_velocity(model_fn, context, negative_context, cond_latents, guidance,
     return velocity
 
 
-def build_image_sampler(dit_graphdef, text_encoder, codec_static, codec_is_module: bool, latent_shape: tuple,
-                        use_cfg: bool) -> Callable:
+def build_image_sampler(dit_graphdef, text_encoder, codec_graphdef, latent_shape: tuple, use_cfg: bool) -> Callable:
     """The sampler as a pure function, to be jitted:
 
       fn(params, text_state, codec_state, prompt_ids (B, L), negative_ids (B, L), cond (B, K, R, R, 3)
@@ -96,7 +95,7 @@ def build_image_sampler(dit_graphdef, text_encoder, codec_static, codec_is_modul
     """
     def sample(params, text_state, codec_state, prompt_ids, negative_ids, cond, seed, indices, sigmas, guidance):
         encode = text_encoder(text_state)
-        codec = nnx.merge(codec_static, codec_state) if codec_is_module else codec_static
+        codec = nnx.merge(codec_graphdef, codec_state)
         context = jax.lax.stop_gradient(encode(prompt_ids)).astype(jnp.float32)
         negative = jax.lax.stop_gradient(encode(negative_ids)).astype(jnp.float32) if use_cfg else None
         cond_latents = None

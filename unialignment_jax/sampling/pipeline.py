@@ -150,8 +150,8 @@ class Sampler:
         sigmas = schedule.flow_sigmas(settings.image_steps, settings.shift)
         # One program per condition count and guidance on/off (edit and perception share one).
         fn = self._compile(("image", k, use_cfg), lambda: image_lib.build_image_sampler(
-            self.graphdef, self.frozen.text_encoder, self.frozen.codec_static, self.frozen.codec_is_module,
-            self.latent_shape, use_cfg))
+            self.graphdef, self.frozen.text_encoder, self.frozen.codec_graphdef, self.latent_shape,
+            use_cfg))
         ids = self.encode_texts(prompts)
         neg = self.encode_texts([settings.negative_prompt])[0]
         indices = np.arange(n) if indices is None else np.asarray(indices)
@@ -206,7 +206,7 @@ class Sampler:
                              "(input.text_length); nothing is left to sample")
         steps, order, temperature = int(settings.text_steps), settings.text_order, float(settings.text_temperature)
         fn = self._compile(("text", steps, order, temperature), lambda: text_lib.build_text_sampler(
-            self.graphdef, self.frozen.text_encoder, self.frozen.codec_static, self.frozen.codec_is_module,
+            self.graphdef, self.frozen.text_encoder, self.frozen.codec_graphdef,
             self.tokenizer.mask_id, steps, order, temperature))
         cache = settings.text_cache if use_cache is None else use_cache
         indices = np.arange(n) if indices is None else np.asarray(indices)

@@ -149,7 +149,7 @@ def prefix_init(prefix_ids: jax.Array, prefix_len: jax.Array, mask_id: int) -> j
     return jnp.where(given, prefix_ids, mask_id).astype(jnp.int32)
 
 
-def build_text_sampler(dit_graphdef, text_encoder, codec_static, codec_is_module: bool, mask_id: int,
+def build_text_sampler(dit_graphdef, text_encoder, codec_graphdef, mask_id: int,
                        num_steps: int, order: str = "confidence", temperature: float = 0.0) -> Callable:
     """The sampler as a pure function, to be jitted (`order`: "confidence" or "random", the
     official ddpm_cache; `temperature`: the confidence order's draws, 0 = argmax):
@@ -160,7 +160,7 @@ def build_text_sampler(dit_graphdef, text_encoder, codec_static, codec_is_module
     """
     def sample(params, text_state, codec_state, image, prefix_ids, prefix_len, seed, indices, use_cache):
         encode = text_encoder(text_state)
-        codec = nnx.merge(codec_static, codec_state) if codec_is_module else codec_static
+        codec = nnx.merge(codec_graphdef, codec_state)
         # Official: the VAE posterior is sampled (`latent_dist.sample()`).
         latents = codec.encode(image, rng=jax.random.fold_in(jax.random.key(seed), 3))
         b = image.shape[0]

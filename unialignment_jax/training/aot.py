@@ -65,8 +65,8 @@ def objective_options(config, tokenizer) -> unified.ObjectiveOptions:
 
 def step_statics(config, spec: StateSpec, frozen: encoders_lib.Frozen) -> step_lib.StepStatics:
     return step_lib.StepStatics(
-        dit_graphdef=spec.graphdef, text_encoder=frozen.text_encoder, codec=frozen.codec_static,
-        codec_is_module=frozen.codec_is_module, tx=spec.tx, options=objective_options(config, frozen.tokenizer),
+        dit_graphdef=spec.graphdef, text_encoder=frozen.text_encoder, codec_graphdef=frozen.codec_graphdef,
+        tx=spec.tx, options=objective_options(config, frozen.tokenizer),
         mask_id=frozen.tokenizer.mask_id, grad_accum_reduce=config.optimizer.grad_accum_reduce,
         ema_decay=float(config.ema.decay), ema_warmup=bool(config.ema.warmup))
 

@@ -23,8 +23,7 @@ from unialignment_jax.models.t5 import eos_attention_mask
 class Frozen:
     tokenizer: Any
     text_graphdef: Any
-    codec_static: Any  # the codec's graphdef (an nnx module) or the codec object itself
-    codec_is_module: bool
+    codec_graphdef: Any  # the codec's (both codecs are nnx modules)
     use_attention_mask: bool
     arrays: dict  # {'text': T5 state, 'codec': codec state, 'null_features': (1, L, D)}
 
@@ -45,12 +44,8 @@ def build_frozen(config, mesh, rules, tokenizer=None) -> Frozen:
     text_encoder = encoder_factories.build_text_encoder(config, mesh, rules)
     codec = encoder_factories.build_codec(config, mesh, rules)
     text_graphdef, text_state = nnx.split(text_encoder)
-    if isinstance(codec, nnx.Module):
-        codec_static, codec_state = nnx.split(codec)
-    else:
-        codec_static, codec_state = codec, {}
-    frozen = Frozen(tokenizer=tokenizer, text_graphdef=text_graphdef, codec_static=codec_static,
-                    codec_is_module=isinstance(codec, nnx.Module),
+    codec_graphdef, codec_state = nnx.split(codec)
+    frozen = Frozen(tokenizer=tokenizer, text_graphdef=text_graphdef, codec_graphdef=codec_graphdef,
                     use_attention_mask=bool(config.text_encoder.use_attention_mask),
                     arrays={"text": text_state, "codec": codec_state})
     # The empty prompt (official: T5(" ") padded with EOS) replaces 10% of prompts (CFG dropout).
@@ -97,8 +92,8 @@ def abstract_frozen(config, mesh, rules) -> Frozen:
                                                             mesh, rules)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     null = jax.ShapeDtypeStruct((1, int(config.input.text_length), t5_cfg.d_model), jnp.float32, sharding=replicated)
-    return Frozen(tokenizer=tokenizer, text_graphdef=text_graphdef, codec_static=codec_graphdef,
-                  codec_is_module=True, use_attention_mask=bool(config.text_encoder.use_attention_mask),
+    return Frozen(tokenizer=tokenizer, text_graphdef=text_graphdef, codec_graphdef=codec_graphdef,
+                  use_attention_mask=bool(config.text_encoder.use_attention_mask),
                   arrays={"text": text_state, "codec": codec_state, "null_features": null})
 
 

@@ -11,7 +11,9 @@ import json
 import jax
 import numpy as np
 
-from unialignment_jax.data import pipeline
+from unialignment_jax.data import batching, pipeline
+from unialignment_jax.data.decode import config_format
+from unialignment_jax.data.sources import task_sources
 from unialignment_jax.models import flops
 
 
@@ -32,7 +34,7 @@ def check_data_config(config, schedule) -> None:
 
 
 def _format(config, task, resolution):
-    return pipeline.config_format(config, task, pipeline.task_sources(config, task, "train", resolution), resolution)
+    return config_format(config, task, task_sources(config, task, "train", resolution), resolution)
 
 
 def step_flops(config, stage, task) -> int:
@@ -40,9 +42,8 @@ def step_flops(config, stage, task) -> int:
 
 
 class TrainInputs:
-    def __init__(self, config, schedule, tokenizer, mesh, rules, saved: dict | None):
+    def __init__(self, config, schedule, mesh, rules, saved: dict | None):
         """`saved`: the checkpoint's data entry ({'process_count', 'per_process'}) or None."""
-        del tokenizer  # the pipeline builds its own from config.tokenizer
         self.config, self.schedule, self.mesh = config, schedule, mesh
         self.saved = {}
         if saved:
@@ -52,9 +53,9 @@ class TrainInputs:
                 logging.warning("data: the checkpoint holds iterator positions for %s processes, this run has %d; "
                                 "the data iterators restart from the beginning", saved.get("process_count"),
                                 jax.process_count())
-        self.iterators: dict[str, pipeline.HostBatchIterator] = {}
+        self.iterators: dict[str, batching.HostBatchIterator] = {}
 
-    def _iterator(self, stage, task) -> pipeline.HostBatchIterator:
+    def _iterator(self, stage, task) -> batching.HostBatchIterator:
         key = f"{stage.name}/{task}"
         if key not in self.iterators:
             it = pipeline.make_train_iterator(self.config, task, "train", batch_size=stage.batch_size,

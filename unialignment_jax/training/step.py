@@ -28,8 +28,7 @@ class StepStatics:
 
     dit_graphdef: Any
     text_encoder: Callable  # text_state -> (ids -> features): training/encoders.Frozen.text_encoder
-    codec: Any  # an object with encode(pixels, rng) (for an nnx codec: its graphdef, see below)
-    codec_is_module: bool
+    codec_graphdef: Any  # the codec's (encode(pixels, rng)); None where batches hold latents only
     tx: optax.GradientTransformation
     options: unified.ObjectiveOptions
     mask_id: int
@@ -42,7 +41,7 @@ def _encode_images(statics: StepStatics, codec_state, batch: dict, rng) -> dict:
     """Replace pixel entries by codec latents (frozen, no gradient)."""
     if "target" not in batch and "cond" not in batch:
         return batch
-    codec = nnx.merge(statics.codec, codec_state) if statics.codec_is_module else statics.codec
+    codec = nnx.merge(statics.codec_graphdef, codec_state)
     out = dict(batch)
     k_target, k_cond = jax.random.split(rng)
     if "target" in out:

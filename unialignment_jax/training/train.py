@@ -126,7 +126,7 @@ def _train(args, config, stop: stop_lib.StopRequest) -> int:
     logging.info("DiT parameters: %s; mesh %s; rules %s", f"{n_params:,}", dict(mesh.shape), config.sharding.rules)
 
     # -- 4. data --------------------------------------------------------------------------------
-    data = inputs_lib.TrainInputs(config, schedule, frozen.tokenizer, mesh, rules, data_states)
+    data = inputs_lib.TrainInputs(config, schedule, mesh, rules, data_states)
 
     # -- 5. compiled steps, built on first use --------------------------------------------------
     statics = aot.step_statics(config, spec, frozen)
