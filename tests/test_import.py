@@ -21,7 +21,7 @@ pytest.importorskip("diffusers")
 from tests.test_export import restored  # noqa: E402
 from unialignment_jax import cli  # noqa: E402
 from unialignment_jax import config as config_lib  # noqa: E402
-from unialignment_jax.interop import convert, export, import_mapping, sd3_names, streaming  # noqa: E402
+from unialignment_jax.interop import convert, export_files, import_mapping, sd3_names, streaming  # noqa: E402
 from unialignment_jax.interop.convert import CheckpointMismatch  # noqa: E402
 from unialignment_jax.interop.safetensors_io import Checkpoint, CheckpointFormatError  # noqa: E402
 from unialignment_jax.interop.safetensors_write import save_file  # noqa: E402
@@ -178,8 +178,8 @@ def official_dir(tmp_path_factory):
 
     params = jax.tree.unflatten(treedef, draw())
     os.makedirs(root / "ckpt")
-    export.write_official(params, CFG, str(root / "ckpt"), {"source_step": 0, "ema": False})
-    (root / "ckpt" / "config.json").write_text(json.dumps(export.official_config(CFG)))
+    export_files.write_official(params, CFG, str(root / "ckpt"), {"source_step": 0, "ema": False})
+    (root / "ckpt" / "config.json").write_text(json.dumps(export_files.official_config(CFG)))
     return root / "ckpt", params
 
 
@@ -291,7 +291,7 @@ def test_streams_onto_the_mesh_and_keeps_bfloat16_bits(official_dir, mesh_222, t
     cfg16 = dataclasses.replace(CFG, param_dtype="bfloat16")
     bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
     os.makedirs(tmp_path / "bf16")
-    export.write_official(bf16, cfg16, str(tmp_path / "bf16"), {"source_step": 0, "ema": False})
+    export_files.write_official(bf16, cfg16, str(tmp_path / "bf16"), {"source_step": 0, "ema": False})
     values, _ = load(tmp_path / "bf16", cfg16)
     for k, v in convert.flatten(bf16).items():
         assert values[k].dtype == jnp.bfloat16, k

@@ -15,7 +15,7 @@ from unialignment_jax import config as config_lib
 from unialignment_jax import paths
 from unialignment_jax.config import ConfigError
 from unialignment_jax.interop import convert_mask, encoder_import
-from unialignment_jax.interop.export import mask_token_row
+from unialignment_jax.interop.export_files import mask_token_row
 from unialignment_jax.interop.safetensors_io import SafetensorsFile
 from unialignment_jax.models import encoders
 from unialignment_jax.models.t5 import T5Config

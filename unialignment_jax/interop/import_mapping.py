@@ -15,12 +15,12 @@ from flax import nnx
 from unialignment_jax import paths
 from unialignment_jax.interop import names, sd3_names, streaming
 from unialignment_jax.interop.convert import CheckpointMismatch, fetch, flatten
+from unialignment_jax.interop.export_files import MASK_FILE  # an export folder's mask row
 from unialignment_jax.interop.safetensors_io import FLOAT_CODES, Checkpoint, CheckpointFormatError, read_json
 from unialignment_jax.models import embeddings
 
 WEIGHT_FILES = (sd3_names.DIFFUSERS_WEIGHTS, "model.safetensors")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-MASK_FILE = "mask_token_emb.safetensors"
 
 
 # ---------------------------------------------------------------------------------- the source
