@@ -8,7 +8,7 @@ The single-process reference reads the same global batch: its data iterator is t
 shards (process 0's rows, then process 1's: the order `make_array_from_process_local_data` lays
 them out on the mesh), through a small shim around `pipeline.make_train_iterator`.
 
-Runs (tiny config, every step t2i, so each run compiles one step; 12 steps):
+Runs (tiny config, every step t2i, so each run compiles one step; 10 steps):
   reference  1 process x 4 devices, all steps uninterrupted
   phase 1    2 processes x 2 devices; SIGTERM to process 1 alone after step 3 is logged: both stop
              after the same step k (jax.distributed's preemption sync point), save it, exit 0
@@ -38,8 +38,8 @@ COMMON = [
     "--config.stages.generation.steps=2", "--config.stages.editing.steps=1",
     "--config.log_every=1", "--config.checkpoint_every=2", "--config.progress=off",
 ]
-SCHEDULE = ["--config.stages.unified.steps=9"]  # 2 + 1 + 9 steps
-STEPS = 12
+SCHEDULE = ["--config.stages.unified.steps=7"]  # 2 + 1 + 7 steps
+STEPS = 10
 
 # The single-process reference: every data iterator yields the concatenation of the 2 process
 # shards' host batches, i.e. the global batch the 2-process run assembles.
