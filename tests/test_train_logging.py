@@ -111,5 +111,6 @@ def test_wandb_offline_run_resumes_with_the_workdir(repo_root, tmp_path, monkeyp
     run.log(2, {"loss": 0.0625})
     run.finish()
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)
+    # offline-run-<time>-<id>, and "-1" after it when both runs started within the same second
+    assert len(runs) == 2 and all(f"-{run_id}" in r.name for r in runs), runs
     assert b"0.0625" in (runs[-1] / f"run-{run_id}.wandb").read_bytes()
