@@ -273,10 +273,6 @@ def _map_sd3(src: Source, cfg, expected, view: MappedCheckpoint, report: ImportR
             unexpected.append(f"{key} (in {extra.file_of(key)})")
 
 
-def _limit(items: list[str], n: int = 20) -> str:
-    return ", ".join(items[:n]) + (f" ... ({len(items) - n} more)" if len(items) > n else "")
-
-
 def _fresh_values(make: Callable[[], nnx.Module], flat_abstract: dict, paths: list[str], mesh=None, rules=None):
     """Only the parameters `paths` of a fresh `make()` (one jitted init; the rest is dead code)."""
     from unialignment_jax.models import create
@@ -324,10 +320,6 @@ def load_params(source, cfg, abstract_state, make: Callable[[], nnx.Module], *, 
     missing = [k for k in expected if k not in view]
     documented = [k for k in missing if src.kind == "sd3" and sd3_names.is_side_only(k, n)]
     missing = [k for k in missing if k not in documented]
-    if missing and not allow_missing:
-        problems.append(f"missing tensors: {_limit(missing)}")
-    if unexpected and not allow_unexpected:
-        problems.append(f"unexpected tensors: {_limit(unexpected)}")
     misshaped, bad_dtype = [], []
     for key, e in view.entries.items():
         if e.source_shape is not None and e.shape != expected[key]:
@@ -337,10 +329,8 @@ def load_params(source, cfg, abstract_state, make: Callable[[], nnx.Module], *, 
             misshaped.append(f"{e.origin}: {list(e.shape)}, the model expects {list(expected[key])}")
         elif e.code not in FLOAT_CODES:
             bad_dtype.append(f"{e.origin}: {e.code}")
-    if misshaped:
-        problems.append("mis-shaped tensors: " + "; ".join(misshaped[:20]))
-    if bad_dtype:
-        problems.append("non-float tensors: " + "; ".join(bad_dtype[:20]))
+    problems += streaming.mismatch_problems([] if allow_missing else missing,
+                                            [] if allow_unexpected else unexpected, misshaped, bad_dtype)
     if problems:
         raise CheckpointMismatch(f"{src.weights.path} ({src.kind} layout) does not match the model: "
                                  + " | ".join(problems))
@@ -373,5 +363,5 @@ def pure_params(abstract_params: dict, values: dict) -> dict:
     keys = ["/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in p) for p, _ in paths]
     left = [k for k in keys if k not in values]
     if left:
-        raise CheckpointMismatch(f"no value loaded for parameters: {_limit(left)}")
+        raise CheckpointMismatch(f"no value loaded for parameters: {streaming.limit_names(left)}")
     return jax.tree_util.tree_unflatten(treedef, [values[k] for k in keys])

@@ -27,8 +27,23 @@ from unialignment_jax.interop.safetensors_io import FLOAT_CODES, Checkpoint
 Reader = Callable[[tuple[slice, ...]], np.ndarray]
 
 
-def _limit(items: list[str], n: int = 20) -> str:
+def limit_names(items: list[str], n: int = 20) -> str:
+    """The first `n` names, and how many more (error messages)."""
     return ", ".join(items[:n]) + (f" ... ({len(items) - n} more)" if len(items) > n else "")
+
+
+def mismatch_problems(missing, unexpected, misshaped, bad_dtype) -> list[str]:
+    """The parts of a checkpoint-vs-model mismatch message, in one order for every importer."""
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {limit_names(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {limit_names(unexpected)}")
+    if misshaped:
+        problems.append("mis-shaped tensors: " + "; ".join(misshaped[:20]))
+    if bad_dtype:
+        problems.append("non-float tensors: " + "; ".join(bad_dtype[:20]))
+    return problems
 
 
 def expected_shapes(rows: Iterable[names.Row], flat_abstract: Mapping[str, object],
@@ -54,7 +69,7 @@ def check(ckpt: Checkpoint, rows: list[names.Row], flat_abstract: Mapping[str, o
     """
     missing_ours = sorted({row.ours for row in rows} - set(flat_abstract))
     if missing_ours:
-        raise CheckpointMismatch(f"the name table names parameters the model lacks: {_limit(missing_ours)}")
+        raise CheckpointMismatch(f"the name table names parameters the model lacks: {limit_names(missing_ours)}")
     expected = expected_shapes(rows, flat_abstract, num_layers)
     key_map, missing, misshaped, bad_dtype = {}, [], [], []
     for key, shape in expected.items():
@@ -76,15 +91,7 @@ def check(ckpt: Checkpoint, rows: list[names.Row], flat_abstract: Mapping[str, o
             if alias != found and alias in ckpt and ckpt.shape(alias) != ckpt.shape(found):
                 misshaped.append(f"{alias}: {list(ckpt.shape(alias))} in {ckpt.file_of(alias)}, but its tied "
                                  f"copy {found} is {list(ckpt.shape(found))}")
-    problems = []
-    if missing:
-        problems.append(f"missing tensors: {_limit(missing)}")
-    if unexpected:
-        problems.append(f"unexpected tensors: {_limit(unexpected)}")
-    if misshaped:
-        problems.append("mis-shaped tensors: " + "; ".join(misshaped[:20]))
-    if bad_dtype:
-        problems.append("non-float tensors: " + "; ".join(bad_dtype[:20]))
+    problems = mismatch_problems(missing, unexpected, misshaped, bad_dtype)
     if problems:
         raise CheckpointMismatch(f"{ckpt.path} does not match the model: " + " | ".join(problems))
     return key_map
@@ -199,7 +206,7 @@ def merge_loaded(graphdef, abstract_state, values: Mapping[str, jax.Array]) -> n
     keys = ["/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in p) for p, _ in paths]
     left = [k for k in keys if k not in values]
     if left:
-        raise CheckpointMismatch(f"no value loaded for parameters: {_limit(left)} (name table incomplete?)")
+        raise CheckpointMismatch(f"no value loaded for parameters: {limit_names(left)} (name table incomplete?)")
     for k, (_, leaf) in zip(keys, paths):
         if tuple(values[k].shape) != tuple(leaf.shape):
             raise CheckpointMismatch(f"{k}: loaded shape {values[k].shape}, the model expects {leaf.shape}")
